@@ -1,0 +1,277 @@
+"""The plugin contract: one base class per kind.
+
+A plugin is a class with a nested ``Config`` dataclass (its parameters, validated against the YAML)
+and the hooks of its kind. Built-in plugins live in ``plugins/<kind>/<name>.py`` and expose the
+class as ``PLUGIN``; installed packages add plugins through entry-point groups ``hydraserve.<kind>``.
+
+Where each hook runs matters for latency and for the spawn process model:
+
+* ``ModelPlugin.decode`` / ``encode`` / ``identity`` run in the API (HTTP) process, so a malformed
+  request is refused and a cache hit answered without ever reaching an inference worker.
+* ``ModelPlugin.load`` / ``preprocess`` / ``forward`` / ``postprocess`` run in the inference worker,
+  after spawn. Nothing heavy happens at import time or in ``__init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+KINDS: tuple[str, ...] = ("model", "quantization", "batching", "cache", "hardware")
+
+
+@dataclass
+class EmptyConfig:
+    """For plugins without parameters."""
+
+
+class Plugin:
+    """Base of every plugin. ``config`` is an instance of the plugin's ``Config`` dataclass."""
+
+    kind: ClassVar[str] = ""
+    Config: ClassVar[type] = EmptyConfig
+
+    def __init__(self, config: Any | None = None):
+        self.config = config if config is not None else self.Config()
+
+    def check(self, ctx: CheckContext) -> list[str]:
+        """Extra validation run before any process starts; return one message per problem."""
+        return []
+
+    def describe(self) -> dict:
+        """What ``/info`` shows about this plugin."""
+        cfg = dataclasses.asdict(self.config) if dataclasses.is_dataclass(self.config) else {}
+        return {"plugin": type(self).__name__, **cfg}
+
+
+@dataclass
+class CheckContext:
+    """What a plugin's ``check`` may look at: the other chosen plugins and the target hardware."""
+
+    model: ModelPlugin | None = None
+    quantization: QuantizationPlugin | None = None
+    batching: BatchingPlugin | None = None
+    cache: CachePlugin | None = None
+    hardware: HardwarePlugin | None = None
+
+
+# --------------------------------------------------------------------------------------------- model
+class ModelPlugin(Plugin):
+    """Loads weights and turns requests into model inputs and outputs into responses.
+
+    One request carries one or more *items* (``{"input": ["a", "b"]}`` is two items); batching
+    counts items. ``decode`` returns the list of items; ``postprocess`` returns one JSON-able
+    output per item; ``encode`` builds the response body from one request's outputs.
+
+    Example::
+
+        class Doubler(ModelPlugin):
+            task = "tensor"
+            def decode(self, body): return [float(body["input"])]
+            def load(self, device): self.device = device
+            def preprocess(self, items): return torch.tensor(items)
+            def forward(self, batch): return batch * 2
+            def postprocess(self, out): return out.tolist()
+            def encode(self, outputs, body): return {"output": outputs[0]}
+    """
+
+    kind: ClassVar[str] = "model"
+    #: "embedding" models also get ``/v1/embeddings``; "classification" and "tensor" do not.
+    task: ClassVar[str] = "tensor"
+    #: items one request may carry; more is a 413/422 before anything is queued.
+    max_items_per_request: ClassVar[int] = 256
+
+    # --- API process -------------------------------------------------------------------------
+    def decode(self, body: dict) -> list[Any]:
+        """Validate a request body and return its items (JSON-able). Raise ``RequestError``."""
+        raise NotImplementedError
+
+    def encode(self, outputs: list[Any], body: dict) -> dict:
+        """Build the response body from this request's per-item outputs."""
+        raise NotImplementedError
+
+    def identity(self) -> dict:
+        """Model identity and a weights fingerprint; part of every cache key. Must be cheap."""
+        return {"plugin": type(self).__name__, **self.describe()}
+
+    def texts(self, items: list[Any]) -> list[str] | None:
+        """The items as text, for the semantic cache; ``None`` when the model is not text-in."""
+        return None
+
+    # --- inference worker --------------------------------------------------------------------
+    def load(self, device: str) -> None:
+        """Load weights onto ``device`` (runs once per worker, after spawn)."""
+        raise NotImplementedError
+
+    @property
+    def module(self) -> Any:
+        """The ``torch.nn.Module`` that quantization and compilation rewrite (``None`` if none)."""
+        return getattr(self, "_module", None)
+
+    @module.setter
+    def module(self, value: Any) -> None:
+        self._module = value
+
+    def preprocess(self, items: list[Any]) -> Any:
+        """Turn a batch of items into model inputs (tensors on the device)."""
+        return items
+
+    def forward(self, batch: Any) -> Any:
+        """Run the model on a preprocessed batch."""
+        raise NotImplementedError
+
+    def postprocess(self, outputs: Any) -> list[Any]:
+        """Turn the model's outputs into one JSON-able value per item (numpy arrays are fine)."""
+        return list(outputs)
+
+    def calibration_items(self) -> list[Any]:
+        """Inputs the quantization quality gate runs through both the reference and the rewrite."""
+        return []
+
+    def example_items(self, batch_size: int) -> list[Any]:
+        """Items to warm up / compile with; defaults to calibration items repeated."""
+        base = self.calibration_items() or []
+        return (base * (batch_size // max(len(base), 1) + 1))[:batch_size] if base else []
+
+    def quality(self, reference: Any, candidate: Any) -> dict:
+        """Agreement between reference and candidate ``forward`` outputs (e.g. cosine)."""
+        return {}
+
+
+# -------------------------------------------------------------------------------------- quantization
+class QuantizationPlugin(Plugin):
+    """Rewrites a loaded ``torch.nn.Module`` to another numeric format."""
+
+    kind: ClassVar[str] = "quantization"
+
+    def apply(self, module: Any, device: str) -> Any:
+        """Return the rewritten module (may rewrite in place)."""
+        return module
+
+    def is_identity(self) -> bool:
+        """True when ``apply`` leaves the numbers as they are (no quality gate needed)."""
+        return False
+
+    @property
+    def min_quality(self) -> float | None:
+        return getattr(self.config, "min_quality", None)
+
+
+# ------------------------------------------------------------------------------------------ batching
+@dataclass
+class BatchDecision:
+    """What the batcher decided: run ``size`` items now, or wait at most ``wait_s`` for more."""
+
+    run: bool
+    size: int = 0
+    wait_s: float = 0.0
+
+
+class BatchingPlugin(Plugin):
+    """Decides when a batch runs and how many items it holds. Pure logic; the worker loop calls it.
+
+    ``plan`` is called whenever the pending set changes or a wait ends; it must never ask to wait
+    past the oldest pending request's deadline.
+    """
+
+    kind: ClassVar[str] = "batching"
+
+    @property
+    def max_batch_size(self) -> int:
+        return int(getattr(self.config, "max_batch_size", 1))
+
+    def plan(self, pending_items: int, oldest_arrival: float, earliest_deadline: float, now: float) -> BatchDecision:
+        return BatchDecision(run=pending_items > 0, size=min(pending_items, self.max_batch_size))
+
+    def max_request_items(self) -> int | None:
+        """Most items one request may carry (more is a 413); ``None`` leaves it to the model."""
+        return self.max_batch_size
+
+    def record(self, batch_items: int, seconds: float) -> None:
+        """Learn from a batch that just ran (``seconds`` of forward+pre/post time)."""
+
+
+# --------------------------------------------------------------------------------------------- cache
+@dataclass
+class CacheHit:
+    value: bytes
+    kind: str = "hit"  # "hit" or "semantic-hit"
+
+
+@dataclass
+class CacheRequest:
+    """A lookup: the exact key, and the request as text for semantic lookups (``None`` if not text)."""
+
+    key: str
+    texts: list[str] | None = None
+    scope: str = ""  # the config part of the key, so semantic hits never cross configs
+
+
+class CachePlugin(Plugin):
+    """Answers requests without touching the model. Runs in every API process."""
+
+    kind: ClassVar[str] = "cache"
+
+    @property
+    def enabled(self) -> bool:
+        return True
+
+    def open(self) -> None:
+        """Open the store; called in each API process after it starts (after fork)."""
+
+    def close(self) -> None:
+        pass
+
+    def get(self, request: CacheRequest) -> CacheHit | None:
+        raise NotImplementedError
+
+    def put(self, request: CacheRequest, value: bytes) -> None:
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        return {}
+
+    def clear(self) -> int:
+        """Remove every entry; return how many were removed."""
+        return 0
+
+
+# ------------------------------------------------------------------------------------------ hardware
+@dataclass
+class HardwareInfo:
+    """What the target hardware can do, for capability checks."""
+
+    accelerator: str  # "cpu" | "cuda" | "mps"
+    available: bool = True
+    cuda_capability: tuple[int, int] | None = None
+    device_name: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+class HardwarePlugin(Plugin):
+    """Device placement, threads, compilation and workers per device."""
+
+    kind: ClassVar[str] = "hardware"
+
+    def info(self) -> HardwareInfo:
+        raise NotImplementedError
+
+    def accelerator(self) -> str:
+        return self.info().accelerator
+
+    def devices(self) -> int | str:
+        return getattr(self.config, "devices", "auto")
+
+    def workers_per_device(self) -> int:
+        return int(getattr(self.config, "workers_per_device", 1))
+
+    def setup_process(self) -> None:
+        """Per-worker process settings (threads, compile cache folder); runs before ``load``."""
+
+    def optimize(self, model: ModelPlugin, device: str, batch_sizes: list[int]) -> None:
+        """Compile / capture ``model`` and warm it up over the shapes it will see."""
+
+    def pad_batch_size(self, n: int) -> int:
+        """Batch size to pad ``n`` items to (shape bucketing); ``n`` when not bucketing."""
+        return n

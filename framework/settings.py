@@ -1,0 +1,64 @@
+"""Structured configs of the groups the framework owns (``server``, ``tracing``).
+
+Plugin groups (model, quantization, batching, cache, hardware) are validated against each plugin's
+own ``Config`` dataclass instead; see ``framework/config.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+TRANSPORTS = ("fast", "litserve")
+EXPORTERS = ("none", "console", "file", "otlp")
+OTLP_PROTOCOLS = ("http/protobuf", "grpc")
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"  # loopback unless the user opens it up on purpose
+    port: int = 8000
+    num_api_servers: int = 1
+    transport: str = "fast"  # "fast" (ZMQ, no manager, no polling) or "litserve" (stock 0.2.19 path)
+    max_body_bytes: int = 4 * 1024 * 1024
+    api_key_env: str = "HYDRASERVE_API_KEY"  # when that variable is set, X-API-Key is required
+    timeout_ms: int = 30_000  # per-request deadline; a client may ask for less (X-Request-Timeout-Ms)
+    max_queue: int = 512  # requests admitted but not answered, across API processes; then 503
+    retry_after_s: int = 1
+    restart_workers: bool = True
+    log_level: str = "info"
+    startup_timeout_s: float = 600.0
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.transport not in TRANSPORTS:
+            out.append(("transport", f"must be one of {', '.join(TRANSPORTS)}, got '{self.transport}'"))
+        if not 1024 <= self.port <= 65535:
+            out.append(("port", f"must be in 1024..65535, got {self.port}"))
+        if self.host not in ("127.0.0.1", "0.0.0.0", "::"):
+            out.append(("host", f"must be '127.0.0.1', '0.0.0.0' or '::', got '{self.host}'"))
+        for name in ("num_api_servers", "max_body_bytes", "timeout_ms", "max_queue"):
+            if getattr(self, name) <= 0:
+                out.append((name, f"must be > 0, got {getattr(self, name)}"))
+        return out
+
+
+@dataclass
+class TracingConfig:
+    exporter: str = "none"
+    path: str = "traces.jsonl"  # file exporter: relative paths are under the run's output folder
+    endpoint: str = "http://127.0.0.1:4318/v1/traces"
+    protocol: str = "http/protobuf"
+    headers: dict = field(default_factory=dict)
+    timeout_s: float = 10.0
+    sample_ratio: float = 1.0
+    service_name: str = "hydraserve"
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.exporter not in EXPORTERS:
+            out.append(("exporter", f"must be one of {', '.join(EXPORTERS)}, got '{self.exporter}'"))
+        if self.protocol not in OTLP_PROTOCOLS:
+            out.append(("protocol", f"must be one of {', '.join(OTLP_PROTOCOLS)}, got '{self.protocol}'"))
+        if not 0.0 <= self.sample_ratio <= 1.0:
+            out.append(("sample_ratio", f"must be within [0, 1], got {self.sample_ratio}"))
+        return out

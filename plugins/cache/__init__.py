@@ -1,0 +1,1 @@
+"""Built-in cache plugins: one module per plugin, each exposing its class as ``PLUGIN``."""

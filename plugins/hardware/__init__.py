@@ -1,0 +1,1 @@
+"""Built-in hardware plugins: one module per plugin, each exposing its class as ``PLUGIN``."""

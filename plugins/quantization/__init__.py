@@ -1,0 +1,1 @@
+"""Built-in quantization plugins: one module per plugin, each exposing its class as ``PLUGIN``."""
