@@ -49,9 +49,12 @@ def compose(overrides: list[str] | None = None, config_name: str = "serve") -> D
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from framework.search_path import plugin_search_path_overrides
+
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides or []))
+        return hydra_compose(config_name=config_name,
+                             overrides=[*plugin_search_path_overrides(), *(overrides or [])])
 
 
 @dataclass

@@ -123,7 +123,7 @@ class TextEmbeddingModel(ModelPlugin):
         return items
 
     def encode(self, outputs: list[Any], body: dict) -> dict:
-        return {"embeddings": outputs}
+        return {"embeddings": [o["embedding"] for o in outputs]}
 
     def texts(self, items: list[Any]) -> list[str] | None:
         return list(items)
@@ -176,10 +176,13 @@ class TextEmbeddingModel(ModelPlugin):
 
         ids, mask = batch
         with torch.inference_mode():
-            return self.module(ids, mask)
+            # Token counts ride along for the OpenAI ``usage`` field (bucket padding is masked out).
+            return self.module(ids, mask), mask.sum(dim=1)
 
     def postprocess(self, outputs: Any) -> list[Any]:
-        return list(outputs.detach().cpu().numpy())
+        embeddings, tokens = outputs
+        return [{"embedding": e, "tokens": int(t)}
+                for e, t in zip(embeddings.detach().cpu().numpy(), tokens.tolist())]
 
     def calibration_items(self) -> list[Any]:
         return list(CALIBRATION_SENTENCES)
@@ -187,5 +190,6 @@ class TextEmbeddingModel(ModelPlugin):
     def quality(self, reference: Any, candidate: Any) -> dict:
         import torch
 
+        reference, candidate = reference[0], candidate[0]  # (embeddings, token counts)
         cos = torch.nn.functional.cosine_similarity(reference.float(), candidate.float(), dim=1)
         return {"metric": "cosine", "min": float(cos.min()), "mean": float(cos.mean())}

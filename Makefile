@@ -1,0 +1,37 @@
+# hydraserve: `make serve` starts the server on the default config; `make test` runs every check.
+VENV ?= .venv
+PYTHON ?= python3
+PY := $(VENV)/bin/python
+# torch first, pinned: the project's range admits newer releases, which would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+ARGS ?=
+
+.PHONY: serve test lint bench clean install install-test
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+$(VENV)/.installed: $(VENV)/bin/python pyproject.toml
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+install-test: $(VENV)/.installed-test
+
+serve: $(VENV)/.installed
+	$(VENV)/bin/hydraserve serve $(ARGS)
+
+lint: $(VENV)/.installed-test
+	$(VENV)/bin/ruff check framework plugins tests benchmarks examples
+
+test: $(VENV)/.installed-test lint
+	$(VENV)/bin/python -m pytest -q $(ARGS)
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,0 +1,95 @@
+"""The composed LitAPI: carries the config (plain data, picklable) into each spawned worker.
+
+Nothing heavy happens in the parent: ``setup(device)`` re-validates the config inside the worker,
+loads, quantizes, gates, compiles and warms the model (``framework.engine.prepare_model``), and
+the loop (``HydraLoop``) then serves from the transport. Decode/encode never run here: they run in
+the API process (``framework/http.py``) so bad requests and cache hits never reach a worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import litserve as ls
+import orjson
+from litserve.loops.base import LitLoop
+
+from framework import tracing
+from framework.config import Resolved, validate
+
+log = logging.getLogger("hydraserve.worker")
+
+
+class HydraLoop(LitLoop):
+    """LitServe loop that hands the worker to ``framework.worker.serve_forever``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.factory = None  # set by the server once the transport exists, before workers spawn
+        self.reports = None  # Manager dict: worker start-up reports and errors, read by /info
+
+    def pre_setup(self, lit_api: ls.LitAPI, spec: Any = None) -> None:
+        pass
+
+    def __call__(self, lit_api, device, worker_id, request_queue, transport, workers_setup_status,
+                 callback_runner) -> None:  # noqa: D102 - LitServe's signature
+        from framework.worker import serve_forever
+
+        if self.reports is not None:
+            self.reports[f"worker-{worker_id}"] = orjson.dumps(lit_api.report).decode()
+        channel = self.factory.worker_channel(worker_id)
+        r: Resolved = lit_api.resolved
+        labels = {"model": r.names()["model"], "quantization": r.names()["quantization"], "device": str(device)}
+        try:
+            serve_forever(r.model, r.batching, r.hardware, channel, labels)
+        finally:
+            channel.close()
+            tracing.shutdown()
+
+
+class ComposedAPI(ls.LitAPI):
+    def __init__(self, raw_config: dict, output_dir: str):
+        super().__init__(max_batch_size=1, api_path="/predict", loop=HydraLoop())
+        self.raw_config = raw_config
+        self.output_dir = output_dir
+        self.report: dict = {}
+
+    def setup(self, device: str) -> None:
+        from framework.engine import prepare_model
+
+        worker_id = os.environ.get("LITSERVE_WORKER_ID", "?")
+        try:
+            self.resolved = validate(self.raw_config)
+            r = self.resolved
+            tracing.init_tracing(r.tracing, resource_attributes(r), self.output_dir)
+            self.report = {"worker": worker_id, "pid": os.getpid(), "device": str(device)}
+            self.report.update(prepare_model(r.model, r.quantization, r.hardware, str(device),
+                                             batch_sizes_to_warm(r)))
+            log.info("worker %s ready on %s: %s", worker_id, device, orjson.dumps(self.report).decode())
+        except Exception as exc:
+            # Tell the parent why, so `serve` can print it instead of a bare "worker failed".
+            loop = self.loop
+            if getattr(loop, "reports", None) is not None:
+                loop.reports[f"error-{worker_id}"] = f"{type(exc).__name__}: {exc}"
+            raise
+
+    # LitServe's default hooks are never called: the fast path bypasses them by design.
+    def predict(self, x: Any) -> Any:  # pragma: no cover
+        raise RuntimeError("ComposedAPI.predict is not used; framework.worker runs the model")
+
+
+def resource_attributes(r: Resolved) -> dict:
+    names = r.names()
+    return {f"hydraserve.{kind}": name for kind, name in names.items()}
+
+
+def batch_sizes_to_warm(r: Resolved) -> list[int]:
+    """The batch shapes the server will see, so compilation happens before the first request."""
+    sizes = {r.hardware.pad_batch_size(1)}
+    b = 1
+    while b < r.batching.max_batch_size:
+        b *= 2
+        sizes.add(r.hardware.pad_batch_size(min(b, r.batching.max_batch_size)))
+    return sorted(sizes)

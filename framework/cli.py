@@ -1,0 +1,154 @@
+"""``hydraserve <command> [hydra overrides]``.
+
+Commands: ``serve`` (start the server), ``validate`` (compose + validate, print every error),
+``plugins`` (list plugins by kind and origin), ``cache stats|clear`` (the configured store),
+``traces`` (waterfall of the slowest traced requests), ``bench`` (load tests and sweeps).
+``serve``, ``validate`` and ``bench`` are Hydra apps over the packaged ``conf/``: Hydra flags such
+as ``--cfg job`` and ``-m`` work as usual.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+USAGE = """usage: hydraserve <command> [overrides...]
+
+commands:
+  serve     start the server            hydraserve serve model=minilm cache=disk server.port=8000
+  validate  check a config, list errors  hydraserve validate quantization=int8_dynamic hardware=cpu
+  plugins   list plugins by kind and where each comes from
+  cache     stats | clear the configured response cache (hydraserve cache stats cache=disk)
+  traces    waterfall of the slowest requests in a traces file (hydraserve traces outputs/ --png w.png)
+  bench     open-loop load test / sweep   hydraserve bench -m quantization=none,int8_dynamic
+"""
+
+log = logging.getLogger("hydraserve")
+
+
+def _fail_config(exc: Exception) -> None:
+    print(str(exc), file=sys.stderr)
+    sys.exit(2)
+
+
+def _hydra_app(config_name: str, task, argv: list[str]) -> int:
+    import hydra
+
+    from framework.config import conf_dir
+    from framework.search_path import plugin_search_path_overrides
+
+    main = hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")(task)
+    saved = sys.argv
+    sys.argv = [f"hydraserve {config_name}", *plugin_search_path_overrides(), *argv]
+    try:
+        main()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+def _serve_task(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from framework.composer import compose
+    from framework.config import validate
+    from framework.errors import ConfigError
+
+    try:
+        resolved = validate(cfg)
+    except ConfigError as exc:
+        _fail_config(exc)
+    output_dir = HydraConfig.get().runtime.output_dir
+    server = compose(resolved, output_dir)
+    s = resolved.server
+    log.info("hydraserve: serving %s on http://%s:%d (output folder %s)", resolved.names(), s.host, s.port,
+             output_dir)
+    try:
+        server.run(host=s.host, port=s.port, num_api_servers=s.num_api_servers, log_level=s.log_level,
+                   generate_client_file=False)
+    except RuntimeError as exc:  # e.g. a worker failed to start (quality gate, bad weights)
+        print(f"hydraserve: {exc}", file=sys.stderr)
+        sys.exit(3)
+
+
+def _validate_task(cfg) -> None:
+    from framework.config import validate
+    from framework.errors import ConfigError
+
+    try:
+        validate(cfg)
+    except ConfigError as exc:
+        _fail_config(exc)
+    print("Config is well-formed")
+
+
+def _bench_task(cfg) -> None:
+    from framework.bench.app import run
+
+    code = run(cfg)
+    if code:
+        sys.exit(code)
+
+
+def _plugins(argv: list[str]) -> int:
+    from framework import registry
+    from framework.plugin import KINDS
+
+    for kind in KINDS:
+        print(f"{kind}:")
+        for src in registry.sources(kind):
+            print(f"  {src.name:<20} {src.origin}")
+    for clash in registry.clashes():
+        print(f"warning: {clash}", file=sys.stderr)
+    return 0
+
+
+def _cache(argv: list[str]) -> int:
+    from framework.cache_admin import cache_clear, cache_stats
+    from framework.config import compose, validate
+    from framework.errors import ConfigError
+
+    if not argv or argv[0] not in ("stats", "clear"):
+        print("usage: hydraserve cache stats|clear [overrides...]", file=sys.stderr)
+        return 2
+    try:
+        resolved = validate(compose(argv[1:]))
+    except ConfigError as exc:
+        _fail_config(exc)
+    if argv[0] == "stats":
+        import json
+
+        print(json.dumps(cache_stats(resolved.cache), indent=2, default=str))
+    else:
+        print(f"removed {cache_clear(resolved.cache)} entries")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "serve":
+        return _hydra_app("serve", _serve_task, rest)
+    if command == "validate":
+        return _hydra_app("serve", _validate_task,
+                          ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none",
+                           "hydra/hydra_logging=none", *rest])
+    if command == "bench":
+        return _hydra_app("bench", _bench_task, rest)
+    if command == "plugins":
+        return _plugins(rest)
+    if command == "cache":
+        return _cache(rest)
+    if command == "traces":
+        from framework.traces_view import main as traces_main
+
+        return traces_main(rest)
+    print(f"hydraserve: unknown command '{command}'\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

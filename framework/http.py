@@ -1,0 +1,293 @@
+"""The API-process request path: decode -> cache -> admission -> queue -> wait -> encode -> cache.
+
+One ``Gateway`` per API process, started in the app's lifespan (after fork). The error contract:
+400/422 malformed input, 401 bad API key, 413 too large, 503 + Retry-After when the queue is full,
+504 past the deadline, 500 only for a model failure. Every wait has a bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from typing import Any
+
+import orjson
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from starlette.requests import Request
+from starlette.responses import Response
+
+from framework import metrics, openai_compat, tracing
+from framework.cache_key import cache_key, cache_scope
+from framework.config import Resolved
+from framework.errors import RequestError
+from framework.plugin import CacheRequest
+from framework.transport.base import ApiChannel, ChannelFactory
+
+log = logging.getLogger("hydraserve.http")
+
+TIMEOUT_HEADER = "x-request-timeout-ms"
+JSON = "application/json"
+
+
+def json_response(body: Any, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), status_code=status,
+                    media_type=JSON, headers=headers)
+
+
+def error_response(status: int, error: str, detail: Any = None, headers: dict | None = None) -> Response:
+    body: dict = {"error": error}
+    if detail is not None:
+        body["detail"] = detail
+    return json_response(body, status, headers)
+
+
+class _Reply:
+    """Waits for one answer; resolved from the channel's pump."""
+
+    __slots__ = ("future", "worker")
+
+    def __init__(self, future: asyncio.Future, worker: int | None):
+        self.future = future
+        self.worker = worker
+
+
+class Gateway:
+    def __init__(self, resolved: Resolved, factory: ChannelFactory, admitted: Any, output_dir: str):
+        self.r = resolved
+        self.factory = factory
+        self.admitted = admitted  # multiprocessing.Value shared by every API process (fork)
+        self.output_dir = output_dir
+        self.server = resolved.server
+        self.model = resolved.model
+        self.cache = resolved.cache
+        self.max_items = resolved.batching.max_request_items()
+        self.api_key = os.environ.get(resolved.server.api_key_env) or None
+        self.channel: ApiChannel | None = None
+        self.inflight: dict[str, _Reply] = {}
+        self._ids = itertools.count()
+        self._prefix = f"{os.getpid():x}-"
+        self.scope = ""
+
+    # --- lifecycle (inside the API process) -------------------------------------------------
+    async def start(self, consumer_id: int) -> None:
+        from framework.api import resource_attributes
+
+        tracing.init_tracing(self.r.tracing, resource_attributes(self.r), self.output_dir)
+        self.tracing_on = tracing.enabled()
+        self.cache_on = self.cache.enabled
+        if self.cache_on:
+            self.cache.open()
+            self.scope = cache_scope(self.model.identity(), self.r.raw["quantization"], self.r.raw["model"])
+        self.channel = self.factory.api_channel(consumer_id)
+        await self.channel.start(self._on_message)
+
+    async def stop(self) -> None:
+        for reply in self.inflight.values():
+            if not reply.future.done():
+                reply.future.set_result({"err": {"status": 503, "error": "server is shutting down"}})
+        if self.channel is not None:
+            await self.channel.close()
+        if self.cache_on:
+            self.cache.close()
+        tracing.shutdown()
+
+    def _on_message(self, raw: bytes) -> None:
+        msg = orjson.loads(raw)
+        if "dead" in msg:
+            self._fail_worker(int(msg["dead"]))
+            return
+        reply = self.inflight.pop(msg.get("id"), None)
+        if reply is not None and not reply.future.done():
+            reply.future.set_result(msg)
+
+    def _fail_worker(self, worker: int) -> None:
+        for rid, reply in list(self.inflight.items()):
+            if reply.worker == worker and not reply.future.done():
+                self.inflight.pop(rid, None)
+                reply.future.set_result({"err": {
+                    "status": 503, "error": "the inference worker handling this request died",
+                    "detail": "retry the request; the worker is being restarted" if self.server.restart_workers
+                    else "the server is shutting down"}})
+
+    # --- request handling ---------------------------------------------------------------------
+    def _authorized(self, request: Request) -> bool:
+        if self.api_key is None:
+            return True
+        key = request.headers.get("x-api-key")
+        if key is None:
+            auth = request.headers.get("authorization", "")
+            key = auth[7:] if auth.lower().startswith("bearer ") else None
+        return key == self.api_key
+
+    async def _read_json(self, request: Request) -> dict:
+        limit = self.server.max_body_bytes
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise RequestError(f"request body is {length} bytes; the limit is {limit} (server.max_body_bytes)",
+                               status=413)
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RequestError(f"request body exceeds {limit} bytes (server.max_body_bytes)", status=413)
+            chunks.append(chunk)
+        try:
+            body = orjson.loads(b"".join(chunks))
+        except orjson.JSONDecodeError as exc:
+            raise RequestError(f"body is not valid JSON: {exc}", status=400) from None
+        if not isinstance(body, dict):
+            raise RequestError(f"body must be a JSON object, got {type(body).__name__}", status=400)
+        return body
+
+    def _timeout_s(self, request: Request) -> float:
+        limit = self.server.timeout_ms
+        asked = request.headers.get(TIMEOUT_HEADER)
+        if asked is not None:
+            try:
+                value = float(asked)
+            except ValueError:
+                raise RequestError(f"header X-Request-Timeout-Ms must be a number of milliseconds, got {asked!r}",
+                                   field="X-Request-Timeout-Ms", status=400) from None
+            if value <= 0:
+                raise RequestError("header X-Request-Timeout-Ms must be > 0", field="X-Request-Timeout-Ms",
+                                   status=400)
+            limit = min(limit, value)
+        return limit / 1000.0
+
+    async def predict(self, request: Request) -> Response:
+        return await self._handle(request, "/predict")
+
+    async def embeddings(self, request: Request) -> Response:
+        return await self._handle(request, "/v1/embeddings")
+
+    async def _handle(self, request: Request, route: str) -> Response:
+        started = time.monotonic()
+        metrics.request_started()
+        status = 500
+        if self.tracing_on:
+            span_cm = tracing.tracer().start_as_current_span(
+                f"POST {route}", context=tracing.extract_context(dict(request.headers)),
+                kind=SpanKind.SERVER,
+                attributes={"http.request.method": "POST", "http.route": route, "url.path": request.url.path,
+                            "server.port": self.server.port})
+            span = span_cm.__enter__()
+        try:
+            response = await self._serve(request, route)
+            status = response.status_code
+            if self.tracing_on:
+                response.headers["traceparent"] = tracing.traceparent_of(span)
+            return response
+        finally:
+            metrics.request_finished()
+            metrics.observe_request(route, status, time.monotonic() - started)
+            if self.tracing_on:
+                span.set_attribute("http.response.status_code", status)
+                if status >= 500:
+                    span.set_attribute("error.type", str(status))
+                    span.set_status(Status(StatusCode.ERROR))
+                span_cm.__exit__(None, None, None)
+
+    async def _serve(self, request: Request, route: str) -> Response:
+        if not self._authorized(request):
+            return error_response(401, "missing or invalid API key",
+                                  "send it in the X-API-Key header (or Authorization: Bearer)")
+        try:
+            body = await self._read_json(request)
+            timeout_s = self._timeout_s(request)
+            if route == "/v1/embeddings":
+                model_body, fmt = openai_compat.request_items(body)
+                items = self.model.decode(model_body)
+            else:
+                fmt, items = None, self.model.decode(body)
+            if self.max_items is not None and len(items) > self.max_items:
+                raise RequestError(f"request carries {len(items)} items; the batcher takes at most "
+                                   f"{self.max_items} (batching.max_batch_size); split the request",
+                                   field="input", status=413)
+        except RequestError as exc:
+            return json_response(exc.to_body(), exc.status)
+
+        lookup = None
+        if self.cache_on:
+            if "no-cache" in request.headers.get("cache-control", ""):
+                metrics.cache_lookup("bypass")
+                x_cache = "bypass"
+            else:
+                lookup = CacheRequest(cache_key(self.scope + route + (fmt or ""), items),
+                                      self.model.texts(items), self.scope + route + (fmt or ""))
+                hit = self._cache_get(lookup)
+                if hit is not None:
+                    metrics.cache_lookup(hit.kind)
+                    return Response(hit.value, media_type=JSON, headers={"X-Cache": hit.kind})
+                metrics.cache_lookup("miss")
+                x_cache = "miss"
+
+        result = await self._submit(items, timeout_s)
+        if "err" in result:
+            err = result["err"]
+            headers = {"Retry-After": str(self.server.retry_after_s)} if err["status"] == 503 else None
+            return error_response(err["status"], err["error"], err.get("detail"), headers)
+        outputs = result["out"]
+        if route == "/v1/embeddings":
+            payload = openai_compat.response(outputs, fmt, body.get("model") or self.model.identity()["model"])
+        else:
+            payload = self.model.encode(outputs, body)
+        data = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
+        headers = None
+        if self.cache_on:
+            headers = {"X-Cache": x_cache}
+            if lookup is not None:
+                self._cache_put(lookup, data)
+        return Response(data, media_type=JSON, headers=headers)
+
+    def _cache_get(self, lookup: CacheRequest):
+        if not self.tracing_on:
+            return self.cache.get(lookup)
+        with tracing.tracer().start_as_current_span("cache.lookup") as span:
+            hit = self.cache.get(lookup)
+            span.set_attribute("cache.result", hit.kind if hit else "miss")
+            return hit
+
+    def _cache_put(self, lookup: CacheRequest, data: bytes) -> None:
+        try:
+            self.cache.put(lookup, data)
+        except Exception:  # a cache that cannot store must not fail the answer
+            log.warning("cache put failed", exc_info=True)
+
+    async def _submit(self, items: list, timeout_s: float) -> dict:
+        # Admission control: a bounded number of admitted-but-unanswered requests across processes.
+        with self.admitted.get_lock():
+            if self.admitted.value >= self.server.max_queue:
+                full = True
+            else:
+                full = False
+                self.admitted.value += 1
+        if full:
+            metrics.rejected("queue_full")
+            return {"err": {"status": 503, "error": "server is at capacity; retry later",
+                            "detail": f"{self.server.max_queue} requests are queued (server.max_queue)"}}
+        rid = self._prefix + str(next(self._ids))
+        worker = self.channel.pick_worker()
+        loop = asyncio.get_running_loop()
+        reply = _Reply(loop.create_future(), worker)
+        self.inflight[rid] = reply
+        now = time.monotonic()
+        message = {"id": rid, "to": self.channel.reply_to, "items": items, "t": now, "dl": now + timeout_s}
+        if self.tracing_on:
+            message["tc"] = tracing.inject_carrier()
+            message["tw"] = time.time_ns()
+        try:
+            await self.channel.send(orjson.dumps(message), worker)
+            return await asyncio.wait_for(reply.future, timeout_s)
+        except asyncio.TimeoutError:
+            metrics.rejected("deadline")
+            return {"err": {"status": 504, "error": "deadline exceeded",
+                            "detail": f"no answer within {timeout_s * 1000:.0f} ms "
+                                      "(server.timeout_ms or X-Request-Timeout-Ms)"}}
+        finally:
+            self.inflight.pop(rid, None)
+            self.channel.done(worker)
+            with self.admitted.get_lock():
+                self.admitted.value -= 1

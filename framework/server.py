@@ -1,0 +1,178 @@
+"""``HydraServer``: LitServer 0.2.19 with our transport, request path and endpoints.
+
+What we keep from LitServe: spawning workers per device (``launch_inference_worker``), the
+worker setup status, several forked API processes sharing one socket, graceful shutdown.
+What we replace, and why:
+
+* ``_init_manager``: the request queue and answer transport become a ``ChannelFactory`` (ZMQ by
+  default: no manager round trip, no polling); the Manager remains for setup status only.
+* ``register_endpoints``: our ``Gateway`` (decode, cache, admission control, deadlines, tracing)
+  on plain Starlette routes; no GZip middleware (it costs CPU on every embedding response).
+* ``_start_worker_monitoring``: LitServe's monitor fails in-flight requests by scanning a response
+  buffer that lives in the main process, where forked API processes never write; ours tells every
+  API process which worker died so its in-flight requests fail at once with a clear 503.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing as mp
+import threading
+import time
+from contextlib import asynccontextmanager
+from typing import Any
+
+import litserve as ls
+import orjson
+from fastapi import FastAPI
+from litserve.utils import WorkerSetupStatus
+from starlette.requests import Request
+from starlette.responses import Response
+
+from framework import metrics
+from framework.api import ComposedAPI
+from framework.config import Resolved
+from framework.http import Gateway, error_response, json_response
+from framework.transport.fast import FastChannelFactory
+from framework.transport.stock import StockChannelFactory
+
+log = logging.getLogger("hydraserve.server")
+
+
+class HydraServer(ls.LitServer):
+    def __init__(self, resolved: Resolved, output_dir: str):
+        self.resolved = resolved
+        self.output_dir = output_dir
+        self.started_at = time.time()
+        self.api = ComposedAPI(resolved.raw, output_dir)
+        # Shared by every forked API process: admitted-but-unanswered requests (server.max_queue).
+        self.admitted = mp.get_context("fork").Value("i", 0)
+        hw = resolved.hardware
+        super().__init__(
+            self.api,
+            accelerator=hw.accelerator(),
+            devices=hw.devices(),
+            workers_per_device=hw.workers_per_device(),
+            timeout=False,  # deadlines are ours (server.timeout_ms), enforced per request
+            restart_workers=resolved.server.restart_workers,
+        )
+        self.gateway: Gateway | None = None
+
+    # --- transport ------------------------------------------------------------------------------
+    def _init_manager(self, num_api_servers: int):
+        manager = super()._init_manager(num_api_servers)
+        num_workers = len(self._inference_workers_config_for_api(self.api.api_path))
+        if self.resolved.server.transport == "fast":
+            self.factory = FastChannelFactory(num_workers)
+        else:
+            self.factory = StockChannelFactory(self.litapi_request_queues[self.api.api_path], self._transport)
+        self.reports = manager.dict()
+        self.api.loop.factory = self.factory
+        self.api.loop.reports = self.reports
+        self.gateway = Gateway(self.resolved, self.factory, self.admitted, self.output_dir)
+        return manager
+
+    def verify_worker_status(self):
+        deadline = time.monotonic() + self.resolved.server.startup_timeout_s
+        while not any(v == WorkerSetupStatus.READY for v in self.workers_setup_status.values()):
+            if any(v == WorkerSetupStatus.ERROR for v in self.workers_setup_status.values()):
+                errors = [v for k, v in self.reports.items() if k.startswith("error-")]
+                raise RuntimeError("an inference worker failed to start: " + ("; ".join(errors) or "see log above"))
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no inference worker was ready after {self.resolved.server.startup_timeout_s} s "
+                                   "(server.startup_timeout_s)")
+            time.sleep(0.05)
+
+    def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason: str = "normal"):
+        try:
+            super()._perform_graceful_shutdown(manager, uvicorn_workers, shutdown_reason)
+        finally:
+            factory = getattr(self, "factory", None)
+            if factory is not None:
+                factory.close()
+
+    def _start_worker_monitoring(self, manager, uvicorn_workers):
+        api_pids = [w.pid for w in uvicorn_workers.values() if getattr(w, "pid", None)]
+
+        def monitor() -> None:
+            while not self._shutdown_event.is_set():
+                for idx, proc in enumerate(self.inference_workers):
+                    if proc.is_alive():
+                        continue
+                    log.error("inference worker %d (pid %s) died with exit code %s", idx, proc.pid, proc.exitcode)
+                    self.factory.notify_api_processes(orjson.dumps({"dead": idx}), api_pids)
+                    if not self.restart_workers:
+                        self._perform_graceful_shutdown(manager, uvicorn_workers, f"worker {idx} died")
+                        return
+                    self.inference_workers[idx] = self.launch_single_inference_worker(self.api, idx)
+                    log.info("inference worker %d restarted", idx)
+                time.sleep(0.2)
+
+        threading.Thread(target=monitor, daemon=True, name="hydraserve-monitor").start()
+
+    # --- HTTP -----------------------------------------------------------------------------------
+    def _register_middleware(self):
+        # LitServe appends GZipMiddleware; compressing every JSON answer costs latency on loopback.
+        self.middlewares = [m for m in self.middlewares if not (isinstance(m, tuple) and m[0].__name__ ==
+                                                                "GZipMiddleware")]
+        super()._register_middleware()
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI):
+        gateway = self.gateway
+        await gateway.start(app.response_queue_id or 0)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                await gateway.stop()
+
+    def register_endpoints(self):
+        app = self.app
+
+        async def predict(request: Request) -> Response:
+            return await self.gateway.predict(request)
+
+        async def embeddings(request: Request) -> Response:
+            return await self.gateway.embeddings(request)
+
+        async def health(request: Request) -> Response:
+            status = dict(self.workers_setup_status) if getattr(self, "workers_setup_status", None) else {}
+            ready = bool(status) and all(v == WorkerSetupStatus.READY for v in status.values())
+            return Response("ok" if ready else "not ready", status_code=200 if ready else 503,
+                            headers=None if ready else {"Retry-After": "1"})
+
+        async def info(request: Request) -> Response:
+            return json_response(self.info())
+
+        async def metrics_endpoint(request: Request) -> Response:
+            body, content_type = metrics.render()
+            return Response(body, media_type=content_type)
+
+        async def not_allowed(request: Request) -> Response:
+            return error_response(405, f"{request.method} is not allowed on {request.url.path}", "use POST")
+
+        app.add_route("/predict", predict, methods=["POST"])
+        if self.resolved.model.task == "embedding":
+            app.add_route("/v1/embeddings", embeddings, methods=["POST"])
+        app.add_route("/health", health, methods=["GET"])
+        app.add_route(self.info_path, info, methods=["GET"])
+        app.add_route("/metrics", metrics_endpoint, methods=["GET"])
+
+    def info(self) -> dict[str, Any]:
+        from framework import __version__
+        from framework.versions import plugin_versions
+
+        reports = dict(self.reports) if getattr(self, "reports", None) is not None else {}
+        engine = [orjson.loads(v) for k, v in sorted(reports.items()) if k.startswith("worker-")]
+        return {
+            "hydraserve": __version__,
+            "config": self.resolved.raw,
+            "plugins": plugin_versions(self.resolved),
+            "model": self.resolved.model.identity(),
+            "engine": engine,
+            "errors": [v for k, v in reports.items() if k.startswith("error-")],
+            "transport": self.resolved.server.transport,
+            "uptime_s": round(time.time() - self.started_at, 3),
+        }

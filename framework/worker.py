@@ -1,0 +1,190 @@
+"""The inference worker's loop: event-driven batching over a ``WorkerChannel``.
+
+It blocks on the channel until a request arrives (no polling), keeps the pending requests in
+arrival order, and asks the batching plugin what to do each time the pending set changes:
+run a batch of up to N items now, or wait at most T for company (an arrival ends the wait early).
+Expired requests are dropped before they are computed. A batch that fails is re-run request by
+request, so one bad request never fails its neighbours.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from framework import metrics, tracing
+from framework.errors import RequestError
+from framework.plugin import BatchingPlugin, HardwarePlugin, ModelPlugin
+from framework.transport.base import WorkerChannel
+
+log = logging.getLogger("hydraserve.worker")
+
+_IDLE_WAIT_S = 1.0  # how long one blocking receive lasts when nothing is pending (only bounds shutdown)
+
+
+@dataclass
+class Pending:
+    id: str
+    reply_to: str | int
+    items: list
+    arrival: float  # time.monotonic() when the API process queued it
+    deadline: float  # time.monotonic() after which the client has already been answered 504
+    carrier: dict | None
+    wall_ns: int  # time.time_ns() when queued, for the queue.wait span
+
+    @property
+    def n(self) -> int:
+        return len(self.items)
+
+
+def _parse(raw: bytes) -> Pending | None:
+    try:
+        msg = orjson.loads(raw)
+        return Pending(msg["id"], msg["to"], msg["items"], msg["t"], msg["dl"], msg.get("tc"), msg.get("tw", 0))
+    except Exception:  # a malformed message is dropped, never a crash
+        log.warning("dropping a malformed request message (%d bytes)", len(raw))
+        return None
+
+
+def error_message(request_id: str, status: int, error: str, detail: Any = None) -> bytes:
+    return orjson.dumps({"id": request_id, "err": {"status": status, "error": error, "detail": detail}})
+
+
+class BatchRunner:
+    """Runs one batch through the model hooks and answers each request."""
+
+    def __init__(self, model: ModelPlugin, hardware: HardwarePlugin, channel: WorkerChannel, labels: dict):
+        self.model = model
+        self.hardware = hardware
+        self.channel = channel
+        self.labels = labels  # model/quantization/device attributes for spans
+        self.batch_counter = 0
+
+    def _compute(self, items: list) -> tuple[list, dict]:
+        n = len(items)
+        target = max(self.hardware.pad_batch_size(n), n)
+        # Pad with copies of the last item so a compiled model sees a bucketed shape; dropped below.
+        padded = items + [items[-1]] * (target - n) if target > n else items
+        t0 = time.time_ns()
+        x = self.model.preprocess(padded)
+        t1 = time.time_ns()
+        y = self.model.forward(x)
+        t2 = time.time_ns()
+        outputs = self.model.postprocess(y)[:n]
+        t3 = time.time_ns()
+        return outputs, {"pre": (t0, t1), "fwd": (t1, t2), "post": (t2, t3), "padded": target}
+
+    def run(self, batch: list[Pending]) -> float:
+        """Run ``batch``; return its compute seconds (for the batching cost model)."""
+        self.batch_counter += 1
+        items = [item for req in batch for item in req.items]
+        start_mono = time.monotonic()
+        start_ns = time.time_ns()
+        try:
+            outputs, phases = self._compute(items)
+        except Exception as exc:
+            if len(batch) > 1:  # isolate the culprit: re-run each request on its own
+                for req in batch:
+                    self.run([req])
+                return time.monotonic() - start_mono
+            self._fail(batch[0], exc, start_ns)
+            return time.monotonic() - start_mono
+        seconds = time.monotonic() - start_mono
+        offset = 0
+        for req in batch:
+            out = outputs[offset:offset + req.n]
+            offset += req.n
+            self.channel.send(req.reply_to, orjson.dumps({"id": req.id, "out": out},
+                                                         option=orjson.OPT_SERIALIZE_NUMPY))
+        metrics.observe_batch(len(items), [start_mono - r.arrival for r in batch], seconds)
+        if tracing.enabled():
+            self._trace(batch, len(items), phases, start_ns, None)
+        return seconds
+
+    def _fail(self, req: Pending, exc: Exception, start_ns: int) -> None:
+        if isinstance(exc, RequestError):
+            message = error_message(req.id, exc.status, exc.message, {"field": exc.field} if exc.field else None)
+        else:
+            log.exception("model failure on request %s", req.id)
+            message = error_message(req.id, 500, "model failure", f"{type(exc).__name__}: {exc}")
+        self.channel.send(req.reply_to, message)
+        if tracing.enabled():
+            self._trace([req], req.n, None, start_ns, exc)
+
+    def _trace(self, batch: list[Pending], size: int, phases: dict | None, start_ns: int,
+               error: Exception | None) -> None:
+        from opentelemetry.trace import Status, StatusCode
+
+        tracer = tracing.tracer()
+        end_ns = time.time_ns()
+        attrs = {"batch.size": size, "batch.id": f"{id(self):x}-{self.batch_counter}",
+                 "batch.requests": len(batch), **self.labels}
+        for req in batch:
+            parent = tracing.extract_context(req.carrier)
+            if req.wall_ns:
+                tracer.start_span("queue.wait", context=parent, start_time=req.wall_ns).end(end_time=start_ns)
+            span = tracer.start_span("batch", context=parent, start_time=start_ns, attributes=attrs)
+            if phases is not None:
+                from opentelemetry.trace import set_span_in_context
+
+                ctx = set_span_in_context(span)
+                for name, key in (("preprocess", "pre"), ("model.forward", "fwd"), ("postprocess", "post")):
+                    t0, t1 = phases[key]
+                    child = tracer.start_span(name, context=ctx, start_time=t0,
+                                              attributes=attrs if key == "fwd" else None)
+                    child.end(end_time=t1)
+            if error is not None:
+                span.record_exception(error)
+                if not isinstance(error, RequestError):
+                    span.set_status(Status(StatusCode.ERROR, str(error)))
+            span.end(end_time=end_ns)
+
+
+def serve_forever(model: ModelPlugin, batching: BatchingPlugin, hardware: HardwarePlugin,
+                  channel: WorkerChannel, labels: dict) -> None:
+    runner = BatchRunner(model, hardware, channel, labels)
+    pending: deque[Pending] = deque()
+    pending_items = 0
+
+    def admit(raw_messages: list[bytes]) -> None:
+        nonlocal pending_items
+        for raw in raw_messages:
+            req = _parse(raw)
+            if req is not None:
+                pending.append(req)
+                pending_items += req.n
+
+    while True:
+        if not pending:
+            admit(channel.recv(_IDLE_WAIT_S))
+            continue
+        now = time.monotonic()
+        # Expired work is never computed: its client already got a 504.
+        if any(r.deadline <= now for r in pending):
+            for req in [r for r in pending if r.deadline <= now]:
+                pending.remove(req)
+                pending_items -= req.n
+                channel.send(req.reply_to, error_message(req.id, 504, "deadline exceeded before compute"))
+            if not pending:
+                continue
+        metrics.set_queue_depth(pending_items)
+        decision = batching.plan(pending_items, pending[0].arrival, min(r.deadline for r in pending), now)
+        if not decision.run:
+            admit(channel.recv(max(decision.wait_s, 0.0)))
+            continue
+        batch = [pending.popleft()]
+        taken = batch[0].n
+        while pending and taken + pending[0].n <= max(decision.size, 1):
+            req = pending.popleft()
+            batch.append(req)
+            taken += req.n
+        pending_items -= taken
+        seconds = runner.run(batch)
+        batching.record(taken, seconds)
+        # Whatever arrived while the batch ran joins the queue before the next decision.
+        admit(channel.recv(0))

@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny models built in temporary folders, real servers on loopback."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never touch the network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    from plugins.model.tiny import TinyModel
+
+    return TinyModel.build(tmp_path_factory.mktemp("tiny"))
+
+
+class ServerPool:
+    """Starts real servers in a temporary folder (their cache and outputs too); stops them all."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.started = []
+
+    def __call__(self, overrides: list[str], env: dict | None = None, **kwargs):
+        from framework.launch import ServerProcess
+
+        env = {"HYDRASERVE_CACHE_DIR": str(self.folder / "cache"), **(env or {})}
+        server = ServerProcess(list(overrides), output_dir=str(self.folder / f"run{len(self.started)}"),
+                               env=env, **kwargs)
+        self.started.append(server)
+        return server.start()
+
+    def stop_all(self) -> None:
+        for server in self.started:
+            server.stop()
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """``serve(["model=echo", ...]) -> ServerProcess`` for one test."""
+    pool = ServerPool(tmp_path)
+    yield pool
+    pool.stop_all()
+
+
+@pytest.fixture(scope="module")
+def serve_module(tmp_path_factory):
+    """Like ``serve`` but the servers live for the whole test module."""
+    pool = ServerPool(tmp_path_factory.mktemp("servers"))
+    yield pool
+    pool.stop_all()
