@@ -54,3 +54,14 @@ def serve_module(tmp_path_factory):
     pool = ServerPool(tmp_path_factory.mktemp("servers"))
     yield pool
     pool.stop_all()
+
+
+def pytest_configure(config):
+    # sentence-transformers (the reference in tests) imports transformers, which imports torchvision
+    # when installed; make a torchvision built for another torch importable first (see the module).
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        from plugins.model._torchvision_compat import import_models
+
+        import_models()

@@ -63,6 +63,17 @@ def weights_fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def _make_torchvision_importable() -> None:
+    """transformers imports torchvision whenever it is installed; a torchvision built for another
+    torch (PyPI's CUDA wheel beside a CPU torch) would then break loading a plain BERT encoder."""
+    import importlib.util
+
+    if importlib.util.find_spec("torchvision") is not None:
+        from plugins.model._torchvision_compat import import_models
+
+        import_models()
+
+
 def _pooled_module(encoder: Any, normalize: bool) -> Any:
     import torch
 
@@ -143,6 +154,8 @@ class TextEmbeddingModel(ModelPlugin):
     # --- inference worker --------------------------------------------------------------------
     def load(self, device: str) -> None:
         import torch
+
+        _make_torchvision_importable()
         from transformers import AutoModel, AutoTokenizer
 
         folder = self.model_dir()
