@@ -65,7 +65,7 @@ def _serve_task(cfg) -> None:
              output_dir)
     try:
         server.run(host=s.host, port=s.port, num_api_servers=s.num_api_servers, log_level=s.log_level,
-                   generate_client_file=False)
+                   generate_client_file=False, access_log=s.access_log)
     except RuntimeError as exc:  # e.g. a worker failed to start (quality gate, bad weights)
         print(f"hydraserve: {exc}", file=sys.stderr)
         sys.exit(3)

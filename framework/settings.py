@@ -26,6 +26,7 @@ class ServerConfig:
     retry_after_s: int = 1
     restart_workers: bool = True
     log_level: str = "info"
+    access_log: bool = False  # one log line per request costs latency; turn on to debug
     startup_timeout_s: float = 600.0
 
     def problems(self) -> list[tuple[str, str]]:
@@ -52,6 +53,8 @@ class TracingConfig:
     timeout_s: float = 10.0
     sample_ratio: float = 1.0
     service_name: str = "hydraserve"
+    flush_interval_ms: int = 500  # spans leave the process in batches at least this often
+    max_queue_size: int = 8192  # spans waiting for export; beyond it new spans are dropped, never blocked
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
@@ -61,4 +64,16 @@ class TracingConfig:
             out.append(("protocol", f"must be one of {', '.join(OTLP_PROTOCOLS)}, got '{self.protocol}'"))
         if not 0.0 <= self.sample_ratio <= 1.0:
             out.append(("sample_ratio", f"must be within [0, 1], got {self.sample_ratio}"))
+        for name in ("flush_interval_ms", "max_queue_size", "timeout_s"):
+            if getattr(self, name) <= 0:
+                out.append((name, f"must be > 0, got {getattr(self, name)}"))
+        grpc_with_path = self.protocol == "grpc" and self.endpoint.rstrip("/").endswith("/v1/traces")
+        if self.exporter == "otlp" and grpc_with_path:
+            out.append((
+                "endpoint",
+                f"gRPC takes host:port without a path (e.g. http://127.0.0.1:4317), got "
+                f"'{self.endpoint}'; or set tracing.protocol=http/protobuf",
+            ))
+        if self.exporter == "file" and not self.path:
+            out.append(("path", "must name a file, e.g. traces.jsonl (relative to the run's output folder)"))
         return out
