@@ -101,7 +101,12 @@ class BatchRunner:
             offset += req.n
             self.channel.send(req.reply_to, orjson.dumps({"id": req.id, "out": out},
                                                          option=orjson.OPT_SERIALIZE_NUMPY))
-        metrics.observe_batch(len(items), [start_mono - r.arrival for r in batch], seconds)
+        waits = [start_mono - r.arrival for r in batch]
+        metrics.observe_batch(len(items), waits, seconds)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("batch %d: %d items in %d requests (padded to %d), queue wait max %.2f ms, compute %.2f ms",
+                      self.batch_counter, len(items), len(batch), phases["padded"], max(waits) * 1000,
+                      seconds * 1000)
         if tracing.enabled():
             self._trace(batch, len(items), phases, start_ns, None)
         return seconds
@@ -173,6 +178,8 @@ def serve_forever(model: ModelPlugin, batching: BatchingPlugin, hardware: Hardwa
             if not pending:
                 continue
         metrics.set_queue_depth(pending_items)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("queue depth %d items in %d requests", pending_items, len(pending))
         decision = batching.plan(pending_items, pending[0].arrival, min(r.deadline for r in pending), now)
         if not decision.run:
             admit(channel.recv(max(decision.wait_s, 0.0)))
