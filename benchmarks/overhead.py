@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks._common import latency_run, machine, wrk_throughput, write_results  # noqa: E402
+from benchmarks._common import latency_run, machine, write_results, wrk_throughput  # noqa: E402
 from framework.bench.baselines import BaselineProcess  # noqa: E402
 from framework.config import compose, validate  # noqa: E402
 from framework.launch import ServerProcess  # noqa: E402

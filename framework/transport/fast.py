@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import os
 import shutil
 import tempfile
@@ -96,7 +97,8 @@ class FastWorkerChannel(WorkerChannel):
         self._replies: dict[str, zmq.Socket] = {}
 
     def recv(self, timeout_s: float) -> list[bytes]:
-        if not self._poller.poll(max(0, int(timeout_s * 1000))):
+        # Round up: a sub-millisecond wait must block ~1 ms, not spin through poll(0).
+        if not self._poller.poll(math.ceil(timeout_s * 1000) if timeout_s > 0 else 0):
             return []
         out = []
         while True:

@@ -195,7 +195,7 @@ class TextEmbeddingModel(ModelPlugin):
     def postprocess(self, outputs: Any) -> list[Any]:
         embeddings, tokens = outputs
         return [{"embedding": e, "tokens": int(t)}
-                for e, t in zip(embeddings.detach().cpu().numpy(), tokens.tolist())]
+                for e, t in zip(embeddings.detach().cpu().numpy(), tokens.tolist(), strict=True)]
 
     def calibration_items(self) -> list[Any]:
         return list(CALIBRATION_SENTENCES)
