@@ -1,0 +1,221 @@
+"""What tracing costs a request: `model=echo` with tracing none vs file vs otlp, in one run (issue 6).
+
+    python benchmarks/tracing.py            # full run, writes benchmarks/results/tracing.md
+    python benchmarks/tracing.py --quick    # smoke test (< ~60 s on a quiet machine), tracing_quick.md
+
+The three servers start together and are measured in interleaved rounds (none, file, otlp, none,
+...), so a slow minute of a shared machine hits every configuration alike; each figure is the median
+over rounds. Concurrency 1: p50/p99 from a raw keep-alive socket client. Saturation: requests/s
+at 16 connections from wrk (or, without wrk, 16 asyncio raw-socket clients). `otlp` exports over
+OTLP/HTTP to a local receiver in its own process that only stores bodies (decoded at the end to
+count spans), so the collector costs next to nothing during the measurement.
+Goals: file throughput >= 0.95x none; file p50 adds <= 0.1 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import latency_run, machine, write_results  # noqa: E402
+from framework.launch import ServerProcess  # noqa: E402
+
+BODY = b'{"input": "hello"}'
+COMMON = ["model=echo", "cache=none", "batching=none", "hardware=cpu", "server.log_level=warning"]
+CONFIGS = ("none", "file", "otlp")
+CONNECTIONS = 16
+
+
+# ------------------------------------------------------------------------------------------ collector
+
+
+class Receiver:
+    """``tests/otlp_receiver.py --count`` in a subprocess: the OTLP endpoint and, at the end, a count."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "otlp_receiver.py"), "--count"],
+                                     stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().split()
+        if len(line) != 2 or line[0] != "endpoint":
+            self.proc.kill()
+            raise RuntimeError(f"OTLP receiver did not start: {line}")
+        self.endpoint = line[1]
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        out, _ = self.proc.communicate(timeout=60)
+        return next((int(x.split()[1]) for x in out.splitlines() if x.startswith("spans ")), -1)
+
+
+# ------------------------------------------------------------------------------------------- load
+
+
+def throughput(url: str, seconds: float) -> dict:
+    """Requests/s at CONNECTIONS keep-alive connections: wrk when installed, else asyncio sockets."""
+    import shutil
+
+    if shutil.which("wrk"):
+        from benchmarks._common import wrk_throughput
+
+        r = wrk_throughput(url, "/predict", BODY, connections=CONNECTIONS, seconds=max(int(seconds), 1))
+        return {"rps": r["rps"], "errors": r["non_2xx"], "client": "wrk"}
+    return asyncio.run(_asyncio_throughput(url, seconds)) | {"client": "asyncio"}
+
+
+async def _asyncio_throughput(url: str, seconds: float) -> dict:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    request = (f"POST /predict HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+               f"Content-Length: {len(BODY)}\r\n\r\n").encode() + BODY
+    done = errors = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def client() -> None:
+        nonlocal done, errors
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            while time.perf_counter() < stop_at:
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next(int(v) for k, _, v in (h.partition(b":") for h in head.split(b"\r\n"))
+                              if k.strip().lower() == b"content-length")
+                await reader.readexactly(length)
+                if head[9:12] == b"200":
+                    done += 1
+                else:
+                    errors += 1
+        finally:
+            writer.close()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(CONNECTIONS)))
+    return {"rps": done / (time.perf_counter() - t0), "errors": errors}
+
+
+# -------------------------------------------------------------------------------------------- run
+
+
+def start_all(receiver: Receiver) -> dict[str, ServerProcess]:
+    overrides = {
+        "none": ["tracing=none"],
+        "file": ["tracing=file"],
+        "otlp": ["tracing=otlp", f"tracing.endpoint={receiver.endpoint}"],
+    }
+    servers = {name: ServerProcess([*COMMON, *overrides[name]], startup_timeout=600) for name in CONFIGS}
+    failures: dict[str, BaseException] = {}
+
+    def start(name: str) -> None:
+        try:
+            servers[name].start()
+        except BaseException as exc:  # reported below, after every start has finished
+            failures[name] = exc
+
+    threads = [threading.Thread(target=start, args=(n,)) for n in CONFIGS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if failures:
+        for s in servers.values():
+            s.stop()
+        raise RuntimeError(f"servers failed to start: {failures}")
+    return servers
+
+
+def count_lines(folder: str) -> int:
+    return sum(sum(1 for _ in p.open("rb")) for p in Path(folder).rglob("traces.jsonl"))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="one short round: a smoke test, not a claim")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--requests", type=int, default=2000, help="per round, at concurrency 1")
+    parser.add_argument("--seconds", type=int, default=10, help="per round, at saturation")
+    args = parser.parse_args()
+    rounds, n, seconds = (1, 300, 3) if args.quick else (args.rounds, args.requests, args.seconds)
+
+    samples: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+    receiver = Receiver()
+    try:
+        with contextlib.ExitStack() as stack:
+            t0 = time.perf_counter()
+            servers = start_all(receiver)
+            for s in servers.values():
+                stack.callback(s.stop)
+            print(f"3 servers up in {time.perf_counter() - t0:.1f} s", flush=True)
+            for r in range(rounds):
+                for name in CONFIGS:
+                    url = servers[name].url
+                    lat = latency_run(url, "/predict", BODY, n, warmup=100 if args.quick else 300)
+                    thr = throughput(url, seconds)
+                    samples[name].append({**lat, **thr})
+                    print(f"round {r + 1}/{rounds} {name:<5} p50 {lat['p50_ms']:.3f} ms  "
+                          f"p99 {lat['p99_ms']:.3f} ms  {thr['rps']:.0f} req/s ({thr['client']})", flush=True)
+            time.sleep(1.0)  # the last spans leave within tracing.flush_interval_ms (500)
+        # Servers stopped (their exit flushes what was left); now count what arrived.
+        file_spans = count_lines(servers["file"].output_dir)
+    finally:
+        otlp_spans = receiver.stop()
+    return report(args, samples, rounds, n, seconds, {"file": file_spans, "otlp": otlp_spans, "none": 0})
+
+
+def report(args, samples: dict[str, list[dict]], rounds: int, n: int, seconds: int, spans: dict) -> int:
+    def med(name: str, key: str) -> float:
+        return statistics.median(s[key] for s in samples[name])
+
+    base_rps, base_p50 = med("none", "rps"), med("none", "p50_ms")
+    rows = []
+    for name in CONFIGS:
+        rows.append({"tracing": name, "p50_ms": med(name, "p50_ms"), "p99_ms": med(name, "p99_ms"),
+                     "rps": med(name, "rps"), "errors": sum(s["errors"] for s in samples[name]),
+                     "rps_ratio": med(name, "rps") / base_rps, "p50_added_ms": med(name, "p50_ms") - base_p50,
+                     "spans": spans.get(name)})
+    client = samples["none"][0]["client"]
+    lines = [
+        "# Tracing overhead (benchmarks/tracing.py)", "",
+        *(["**Quick smoke run: one short round, not a claim.**", ""] if args.quick else []),
+        f"Command: `python benchmarks/tracing.py{' --quick' if args.quick else ''}`  ",
+        f"Machine: {machine()}; `{' '.join(COMMON)}`; body `{BODY.decode()}`.  ",
+        f"Concurrency 1: {n} requests per round, raw keep-alive socket client. Saturation: {CONNECTIONS} "
+        f"connections for {seconds} s per round ({client}). Median of {rounds} interleaved round(s); "
+        "the three servers run side by side, idle while another is measured.", "",
+        "| tracing | p50 ms | p99 ms | p50 added ms | req/s @16 | req/s / none | non-2xx | spans exported |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        spans_cell = "-" if r["spans"] is None else str(r["spans"])
+        lines.append(f"| {r['tracing']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['p50_added_ms']:+.3f} "
+                     f"| {r['rps']:.0f} | {r['rps_ratio']:.3f}x | {r['errors']} | {spans_cell} |")
+    file_row = rows[1]
+    thr_ok = file_row["rps_ratio"] >= 0.95
+    p50_ok = file_row["p50_added_ms"] <= 0.1
+    lines += [
+        "",
+        f"Goals (tracing=file): throughput >= 0.95x none: **{file_row['rps_ratio']:.3f}x "
+        f"({'met' if thr_ok else 'not met'})**; p50 added <= 0.1 ms: **{file_row['p50_added_ms']:+.3f} ms "
+        f"({'met' if p50_ok else 'not met'})**.",
+        "",
+        "Spans exported counts what reached the file / the collector (every request makes a server span "
+        "and the worker's spans), so a configuration that silently exported nothing would show here.",
+    ]
+    data = {"rows": rows, "samples": samples, "machine": machine(), "quick": args.quick, "rounds": rounds,
+            "requests": n, "seconds": seconds}
+    path = write_results("tracing" + ("_quick" if args.quick else ""), "\n".join(lines) + "\n", data)
+    print("\n".join(lines))
+    print(f"\nwritten to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
