@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 from opentelemetry.trace import SpanKind, Status, StatusCode
+from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -78,6 +79,7 @@ class Gateway:
         tracing.init_tracing(self.r.tracing, resource_attributes(self.r), self.output_dir)
         self.tracing_on = tracing.enabled()
         self.cache_on = self.cache.enabled
+        self.cache_blocks = bool(getattr(self.cache, "lookup_may_block", False))
         if self.cache_on:
             self.cache.open()
             self.scope = cache_scope(self.model.identity(), self.r.raw["quantization"], self.r.raw["model"])
@@ -169,7 +171,7 @@ class Gateway:
         status = 500
         if self.tracing_on:
             span_cm = tracing.tracer().start_as_current_span(
-                f"POST {route}", context=tracing.extract_context(dict(request.headers)),
+                f"POST {route}", context=tracing.extract_context(request.headers),
                 kind=SpanKind.SERVER,
                 attributes={"http.request.method": "POST", "http.route": route, "url.path": request.url.path,
                             "server.port": self.server.port})
@@ -202,10 +204,6 @@ class Gateway:
                 items = self.model.decode(model_body)
             else:
                 fmt, items = None, self.model.decode(body)
-            if self.max_items is not None and len(items) > self.max_items:
-                raise RequestError(f"request carries {len(items)} items; the batcher takes at most "
-                                   f"{self.max_items} (batching.max_batch_size); split the request",
-                                   field="input", status=413)
         except RequestError as exc:
             return json_response(exc.to_body(), exc.status)
 
@@ -215,16 +213,16 @@ class Gateway:
                 metrics.cache_lookup("bypass")
                 x_cache = "bypass"
             else:
-                lookup = CacheRequest(cache_key(self.scope + route + (fmt or ""), items),
-                                      self.model.texts(items), self.scope + route + (fmt or ""))
-                hit = self._cache_get(lookup)
+                scope = self._request_scope(route, body)
+                lookup = CacheRequest(cache_key(scope, items), self.model.texts(items), scope)
+                hit = await self._cache_get(lookup)
                 if hit is not None:
                     metrics.cache_lookup(hit.kind)
                     return Response(hit.value, media_type=JSON, headers={"X-Cache": hit.kind})
                 metrics.cache_lookup("miss")
                 x_cache = "miss"
 
-        result = await self._submit(items, timeout_s)
+        result = await self._submit_split(items, timeout_s)
         if "err" in result:
             err = result["err"]
             headers = {"Retry-After": str(self.server.retry_after_s)} if err["status"] == 503 else None
@@ -235,26 +233,51 @@ class Gateway:
         else:
             payload = self.model.encode(outputs, body)
         data = orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
-        headers = None
-        if self.cache_on:
-            headers = {"X-Cache": x_cache}
-            if lookup is not None:
-                self._cache_put(lookup, data)
-        return Response(data, media_type=JSON, headers=headers)
+        if not self.cache_on:
+            return Response(data, media_type=JSON)
+        # The store runs after the answer is sent, so a miss does not wait for SQLite writes.
+        background = BackgroundTask(self._cache_put, lookup, data) if lookup is not None else None
+        return Response(data, media_type=JSON, headers={"X-Cache": x_cache}, background=background)
 
-    def _cache_get(self, lookup: CacheRequest):
+    def _request_scope(self, route: str, body: dict) -> str:
+        # encode() may read more of the body than the items (echo answers "hi" and ["hi"] differently,
+        # /v1/embeddings repeats body["model"]): every other field and the input's shape join the key.
+        rest = {k: v for k, v in body.items() if k != "input"}
+        rest["input"] = type(body.get("input")).__name__
+        return self.scope + route + orjson.dumps(rest, option=orjson.OPT_SORT_KEYS).decode()
+
+    async def _cache_call(self, fn, *args):
+        # A semantic lookup embeds text (milliseconds): off the event loop. Exact lookups stay inline.
+        if self.cache_blocks:
+            return await asyncio.to_thread(fn, *args)
+        return fn(*args)
+
+    async def _cache_get(self, lookup: CacheRequest):
         if not self.tracing_on:
-            return self.cache.get(lookup)
+            return await self._cache_call(self.cache.get, lookup)
         with tracing.tracer().start_as_current_span("cache.lookup") as span:
-            hit = self.cache.get(lookup)
+            hit = await self._cache_call(self.cache.get, lookup)
             span.set_attribute("cache.result", hit.kind if hit else "miss")
             return hit
 
-    def _cache_put(self, lookup: CacheRequest, data: bytes) -> None:
+    async def _cache_put(self, lookup: CacheRequest, data: bytes) -> None:
         try:
-            self.cache.put(lookup, data)
+            await self._cache_call(self.cache.put, lookup, data)
         except Exception:  # a cache that cannot store must not fail the answer
             log.warning("cache put failed", exc_info=True)
+
+    async def _submit_split(self, items: list, timeout_s: float) -> dict:
+        """A request larger than the batcher's limit is split into chunks that run as separate
+        queued requests (possibly on several workers) and are joined back in order."""
+        size = self.max_items
+        if size is None or len(items) <= size:
+            return await self._submit(items, timeout_s)
+        parts = await asyncio.gather(*(self._submit(items[i:i + size], timeout_s)
+                                       for i in range(0, len(items), size)))
+        failed = next((p for p in parts if "err" in p), None)
+        if failed is not None:
+            return failed
+        return {"out": [out for part in parts for out in part["out"]]}
 
     async def _submit(self, items: list, timeout_s: float) -> dict:
         # Admission control: a bounded number of admitted-but-unanswered requests across processes.

@@ -1,0 +1,282 @@
+"""What a cache hit costs, against the floor: a plain FastAPI + uvicorn endpoint on loopback.
+
+One run starts, side by side, a plain FastAPI echo (the floor: parse the JSON body, return canned
+bytes of the same size as the cached answer) and three hydraserve servers (``cache=disk``,
+``cache=memory``, ``cache=semantic``), then measures at concurrency 1 with one warmed keep-alive
+httpx client:
+
+* disk-cache hit, memory-cache hit, semantic hit (a paraphrase of a cached request);
+* a miss: the model runs (``Cache-Control: no-cache`` bypasses the cache);
+
+each in blocks interleaved with blocks of the floor, so every ratio compares measurements taken
+moments apart. Goal: disk-cache hit p50 <= 1.3x the floor's p50. Writes benchmarks/results/cache.md.
+
+    python benchmarks/cache.py            # model=minilm, 3 rounds of 1000 requests per scenario
+    python benchmarks/cache.py --quick    # model=echo, one round of 150: a smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Module level: FastAPI resolves these (string, postponed) annotations in the module's globals.
+from fastapi import Request, Response
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TEXT = "How do I reset my password?"
+PARAPHRASE = "How can I reset my password?"
+GOAL_DISK_P50_RATIO = 1.3
+
+
+# ------------------------------------------------------------------------------------ the floor
+def serve_floor(port: int) -> None:
+    """The floor: the least a FastAPI JSON endpoint does (parse the body, answer with bytes)."""
+    import orjson
+    import uvicorn
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    canned = [b"{}"]
+
+    @app.post("/predict")
+    async def predict(request: Request) -> Response:
+        orjson.loads(await request.body())
+        return Response(canned[0], media_type="application/json")
+
+    @app.put("/canned")
+    async def set_canned(request: Request) -> Response:
+        canned[0] = await request.body()
+        return Response(b"{}", media_type="application/json")
+
+    @app.get("/health")
+    async def health() -> Response:
+        return Response(b"ok")
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+class FloorProcess:
+    def __init__(self) -> None:
+        from framework.launch import free_port
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> FloorProcess:
+        import httpx
+
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve-floor", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        self.__exit__()
+        raise RuntimeError("the FastAPI floor server did not start")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+            if self.proc.poll() is None:
+                self.proc.kill()
+
+
+# ----------------------------------------------------------------------------------- measuring
+@dataclass
+class Scenario:
+    name: str
+    server: str  # which server answers it: "disk", "memory" or "semantic"
+    text: str
+    headers: dict = field(default_factory=dict)
+    expect: str = "hit"  # the X-Cache header every measured answer must carry
+    samples: list[float] = field(default_factory=list)
+    floor: list[float] = field(default_factory=list)  # floor blocks interleaved with this scenario
+
+
+def body_of(text: str) -> bytes:
+    import orjson
+
+    return orjson.dumps({"input": text})
+
+
+def timed(client, url: str, body: bytes, headers: dict, n: int, expect: str | None) -> list[float]:
+    out = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        r = client.post(url, content=body, headers=headers)
+        dt = time.perf_counter() - t0
+        if r.status_code != 200:
+            raise RuntimeError(f"{url} answered {r.status_code}: {r.text[:300]}")
+        if expect is not None and r.headers.get("x-cache") != expect:
+            raise RuntimeError(f"{url} answered X-Cache: {r.headers.get('x-cache')}, expected {expect}")
+        out.append(dt)
+    return out
+
+
+def pct(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
+
+
+# -------------------------------------------------------------------------------------- the run
+def start_all(servers: dict, floor: FloorProcess) -> None:
+    """Start every server at once (startup dominates a quick run); raise the first failure."""
+    errors: list[BaseException] = []
+
+    def start(obj) -> None:
+        try:
+            obj.__enter__()
+        except BaseException as exc:  # noqa: BLE001 - reported below, after the others started
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in [*servers.values(), floor]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+
+
+def run(args: argparse.Namespace) -> Path:
+    import httpx
+
+    from framework.launch import ServerProcess
+
+    model = args.model or ("echo" if args.quick else "minilm")
+    n = args.n or (150 if args.quick else 1000)
+    rounds = args.rounds or (1 if args.quick else 3)
+    tmp = Path(tempfile.mkdtemp(prefix="hydraserve-cache-bench-"))
+    common = [f"model={model}", "batching=none"]
+    servers = {
+        "disk": ServerProcess([*common, "cache=disk", f"cache.directory={tmp / 'disk'}"]),
+        "memory": ServerProcess([*common, "cache=memory"]),
+        "semantic": ServerProcess([*common, "cache=semantic", f"cache.directory={tmp / 'semantic'}"]),
+    }
+    floor = FloorProcess()
+    key = os.environ.get("HYDRASERVE_API_KEY")
+    auth = {"X-API-Key": key} if key else {}
+    json_headers = {"content-type": "application/json", **auth}
+    scenarios = [
+        Scenario("disk-cache hit", "disk", TEXT),
+        Scenario("memory-cache hit", "memory", TEXT),
+        Scenario("semantic hit (paraphrase)", "semantic", PARAPHRASE, expect="semantic-hit"),
+        Scenario(f"miss: model={model} runs (Cache-Control: no-cache)", "disk", TEXT,
+                 headers={"cache-control": "no-cache"}, expect="bypass"),
+    ]
+    t_start = time.monotonic()
+    print(f"starting the floor and 3 servers (model={model}) ...", flush=True)
+    try:
+        start_all(servers, floor)
+        print(f"  up in {time.monotonic() - t_start:.0f} s", flush=True)
+        with httpx.Client(timeout=60) as client:
+            # Fill each cache with the answer to TEXT (the first request runs the model).
+            answer = None
+            for server in servers.values():
+                r = client.post(server.url + "/predict", content=body_of(TEXT), headers=json_headers)
+                r.raise_for_status()
+                answer = answer or r.content
+            client.put(floor.url + "/canned", content=answer)  # the floor answers with as many bytes
+            warm = max(20, n // 10)
+            for sc in scenarios:
+                url = servers[sc.server].url + "/predict"
+                timed(client, url, body_of(sc.text), {**json_headers, **sc.headers}, warm, sc.expect)
+            timed(client, floor.url + "/predict", body_of(TEXT), json_headers, warm, None)
+            for r_i in range(rounds):
+                for sc in scenarios:
+                    url = servers[sc.server].url + "/predict"
+                    sc.floor += timed(client, floor.url + "/predict", body_of(sc.text), json_headers, n, None)
+                    sc.samples += timed(client, url, body_of(sc.text), {**json_headers, **sc.headers}, n,
+                                        sc.expect)
+                print(f"  round {r_i + 1}/{rounds} done", flush=True)
+    finally:
+        for server in servers.values():
+            server.stop()
+        floor.__exit__()
+    out = write_report(scenarios, args, model, n, rounds, len(answer or b""))
+    print(out.read_text())
+    print(f"total {time.monotonic() - t_start:.0f} s; written to {out}")
+    return out
+
+
+def write_report(scenarios: list[Scenario], args: argparse.Namespace, model: str, n: int, rounds: int,
+                 body_bytes: int) -> Path:
+    import torch
+
+    floor_all = [x for sc in scenarios for x in sc.floor]
+    lines = [
+        "# Cache-hit latency vs a plain FastAPI echo",
+        "",
+        f"`python benchmarks/cache.py{' --quick' if args.quick else ''}` on "
+        f"{time.strftime('%Y-%m-%d %H:%M')}: {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}. "
+        f"model={model}, concurrency 1, one warmed keep-alive httpx client, "
+        f"{rounds} round(s) of {n} requests per scenario, each block interleaved with a block of the floor; "
+        f"answer body {body_bytes} bytes (the floor returns as many).",
+        "",
+        "| scenario | X-Cache | p50 ms | p99 ms | p50 / floor p50 | p99 / floor p99 |",
+        "| --- | --- | ---: | ---: | ---: | ---: |",
+        f"| floor: FastAPI + uvicorn echo | - | {statistics.median(floor_all) * 1e3:.3f} | "
+        f"{pct(floor_all, 99) * 1e3:.3f} | 1.00 | 1.00 |",
+    ]
+    disk_ratio = None
+    for sc in scenarios:
+        p50, p99 = statistics.median(sc.samples), pct(sc.samples, 99)
+        f50, f99 = statistics.median(sc.floor), pct(sc.floor, 99)
+        lines.append(f"| {sc.name} | {sc.expect} | {p50 * 1e3:.3f} | {p99 * 1e3:.3f} | {p50 / f50:.2f} | "
+                     f"{p99 / f99:.2f} |")
+        if sc.server == "disk" and sc.expect == "hit":
+            disk_ratio = p50 / f50
+    verdict = "met" if disk_ratio is not None and disk_ratio <= GOAL_DISK_P50_RATIO else "NOT met"
+    lines += [
+        "",
+        f"Goal: disk-cache hit p50 <= {GOAL_DISK_P50_RATIO}x the floor's p50: **{verdict}** "
+        f"({disk_ratio or float('nan'):.2f}x).",
+        "",
+        "Ratios compare each scenario with the floor blocks measured between its own blocks. Absolute "
+        "times depend on the machine; a quick run on a shared machine is a smoke test, not a result.",
+    ]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="model=echo, 1 round of 150 requests")
+    parser.add_argument("--model", help="model option (default: minilm; echo with --quick)")
+    parser.add_argument("--n", type=int, help="requests per block")
+    parser.add_argument("--rounds", type=int, help="blocks per scenario")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cache.md"))
+    parser.add_argument("--serve-floor", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_floor:
+        serve_floor(args.serve_floor)
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()
