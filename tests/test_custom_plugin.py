@@ -118,3 +118,15 @@ def test_entry_point_with_a_builtin_name_is_a_clash(monkeypatch: pytest.MonkeyPa
     finally:
         monkeypatch.undo()
         registry.reset()
+
+
+def test_installed_plugin_is_served_over_http(site_dir: Path, serve) -> None:
+    """`hydraserve serve model=reverse` with the package installed: a real server, real HTTP."""
+    import httpx
+
+    server = serve(["model=reverse", "cache=none", "tracing=none"], env={"PYTHONPATH": str(site_dir)})
+    r = httpx.post(server.url + "/predict", json={"input": "hydraserve"}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert "evresardyh" in r.text.lower()
+    info = httpx.get(server.url + "/info", timeout=30).json()
+    assert info["plugins"]["model"]["origin"].startswith("hydraserve-example-plugin")
