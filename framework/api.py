@@ -86,10 +86,7 @@ def resource_attributes(r: Resolved) -> dict:
 
 
 def batch_sizes_to_warm(r: Resolved) -> list[int]:
-    """The batch shapes the server will see, so compilation happens before the first request."""
-    sizes = {r.hardware.pad_batch_size(1)}
-    b = 1
-    while b < r.batching.max_batch_size:
-        b *= 2
-        sizes.add(r.hardware.pad_batch_size(min(b, r.batching.max_batch_size)))
-    return sorted(sizes)
+    """The (padded) batch shapes the server will see, so compilation happens before the first request."""
+    from framework.engine import warmup_batch_sizes
+
+    return warmup_batch_sizes(r.hardware, r.batching.max_batch_size)

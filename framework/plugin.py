@@ -269,8 +269,10 @@ class HardwarePlugin(Plugin):
     def setup_process(self) -> None:
         """Per-worker process settings (threads, compile cache folder); runs before ``load``."""
 
-    def optimize(self, model: ModelPlugin, device: str, batch_sizes: list[int]) -> None:
-        """Compile / capture ``model`` and warm it up over the shapes it will see."""
+    def optimize(self, model: ModelPlugin, device: str, batch_sizes: list[int]) -> dict | None:
+        """Compile / capture ``model`` and warm it up over the shapes it will see; the returned dict
+        (compile mode, timings) is merged into the worker's start-up report shown in ``/info``."""
+        return None
 
     def pad_batch_size(self, n: int) -> int:
         """Batch size to pad ``n`` items to (shape bucketing); ``n`` when not bucketing."""

@@ -18,6 +18,7 @@ from typing import Any
 import orjson
 
 from framework import metrics, tracing
+from framework.engine import pad_items
 from framework.errors import RequestError
 from framework.plugin import BatchingPlugin, HardwarePlugin, ModelPlugin
 from framework.transport.base import WorkerChannel
@@ -69,7 +70,7 @@ class BatchRunner:
         n = len(items)
         target = max(self.hardware.pad_batch_size(n), n)
         # Pad with copies of the last item so a compiled model sees a bucketed shape; dropped below.
-        padded = items + [items[-1]] * (target - n) if target > n else items
+        padded = pad_items(items, target)
         t0 = time.time_ns()
         x = self.model.preprocess(padded)
         t1 = time.time_ns()

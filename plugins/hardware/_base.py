@@ -1,13 +1,35 @@
-"""What the cpu, cuda and auto hardware plugins share: threads, placement and warm-up."""
+"""What the cpu, cuda and auto hardware plugins share: the execution engine of a worker.
+
+Threads, torch.compile (mode, dynamic shapes, CUDA graphs), a persistent compile cache so a restart
+does not recompile, batch-size buckets (shape bucketing, so compiled graphs are reused) and warm-up
+over the bucketed shapes before the worker reports ready.
+
+``compile: auto`` (the default) compiles when a quantization scheme rewrote the weights: torchao
+tensor subclasses (whose eager dispatch is slower than fp32; their compiled kernels are the point of
+quantizing) or reduced-precision casts (bf16 on the CPU: 1.2x eager, 1.8x compiled vs fp32 for MiniLM),
+or when CUDA graphs are asked for. The fp32 reference stays eager: it starts in seconds.
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
-from dataclasses import dataclass
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from framework import HardwareInfo, HardwarePlugin, ModelPlugin
+from framework import CheckContext, HardwareInfo, HardwarePlugin, ModelPlugin
 
 log = logging.getLogger("hydraserve.hardware")
+
+COMPILE_MODES = ("off", "auto", "default", "max-autotune", "reduce-overhead")
+_OFF_ALIASES = {"false", "no", "none", "0"}  # YAML 1.1 reads a bare `off` as false
+_ON_ALIASES = {"true", "yes", "on", "1"}
+# Each distinct input shape may cost dynamo a recompile; buckets keep their number small, but the
+# default limit (8) would silently fall back to eager after batch buckets x sequence buckets shapes.
+RECOMPILE_LIMIT = 64
 
 
 @dataclass
@@ -15,7 +37,20 @@ class EngineConfig:
     devices: int | None = None  # None: all visible devices of the accelerator (cpu: one)
     workers_per_device: int = 1
     threads: int | None = None  # torch intra-op threads per worker (CPU); None: torch's default
-    warmup: bool = True
+    warmup: bool = True  # run every batch bucket once at start-up (compiles before the first request)
+    compile: str = "auto"  # off | auto (compile quantized models) | default | max-autotune | reduce-overhead
+    compile_dynamic: bool | None = None  # torch.compile(dynamic=...); None: static first, dynamic on change
+    cuda_graphs: bool = False  # CUDA graphs through torch.compile (GPU only)
+    compile_cache_dir: str | None = "~/.cache/hydraserve/compile"  # persistent inductor cache; None: torch's
+    batch_buckets: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])  # pad batches up to these
+
+    def __post_init__(self) -> None:
+        value = str(self.compile).strip()
+        if value.lower() in _OFF_ALIASES:
+            value = "off"
+        elif value.lower() in _ON_ALIASES:
+            value = "default"
+        self.compile = value
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
@@ -25,6 +60,19 @@ class EngineConfig:
             out.append(("threads", f"must be >= 1 or null, got {self.threads}"))
         if self.devices is not None and self.devices < 1:
             out.append(("devices", f"must be >= 1 or null, got {self.devices}"))
+        if self.compile not in COMPILE_MODES:
+            out.append(("compile", f"must be one of {', '.join(COMPILE_MODES)}, got '{self.compile}'"))
+        if self.cuda_graphs and self.compile == "off":
+            out.append(("cuda_graphs", "CUDA graphs are captured through torch.compile; set hardware.compile="
+                        "auto or default (or cuda_graphs=false)"))
+        buckets = list(self.batch_buckets)
+        if any(b < 1 for b in buckets) or sorted(set(buckets)) != buckets:
+            out.append(("batch_buckets", f"must be strictly increasing positive sizes (e.g. [1, 2, 4, 8]), "
+                        f"got {buckets}"))
+        if self.compile_cache_dir is not None:
+            path = Path(self.compile_cache_dir).expanduser()
+            if path.exists() and not path.is_dir():
+                out.append(("compile_cache_dir", f"{self.compile_cache_dir} exists and is not a folder"))
         return out
 
 
@@ -37,23 +85,158 @@ def cuda_info() -> HardwareInfo:
                         device_name=torch.cuda.get_device_name(0))
 
 
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> HardwareInfo:
+    """The CPU's model name and the ISA features quantization cares about (from /proc/cpuinfo)."""
+    name, flags = "", None
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and not name:
+            name = value.strip()
+        elif key.strip() == "flags" and flags is None:
+            flags = set(value.split())
+    extra: dict = {"cores": os.cpu_count()}
+    if flags is not None:
+        extra["native_bf16"] = bool(flags & {"avx512_bf16", "amx_bf16"})
+        extra["int8_dot"] = sorted(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    return HardwareInfo("cpu", available=True, device_name=name, extra=extra)
+
+
+def is_rewritten(module: Any) -> bool:
+    """True when some parameter is a tensor subclass (torchao's Int8Tensor, Float8Tensor, ...) or is
+    stored in a reduced-precision float (bf16 / fp16 casts)."""
+    if module is None:
+        return False
+    import torch
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    return any(is_traceable_wrapper_subclass(p) or p.dtype in (torch.bfloat16, torch.float16)
+               for p in module.parameters())
+
+
 class EngineHardware(HardwarePlugin):
     Config = EngineConfig
 
     def devices(self) -> int | str:
         return self.config.devices if self.config.devices is not None else "auto"
 
+    # --- validation --------------------------------------------------------------------------
+    def check(self, ctx: CheckContext) -> list[str]:
+        info = self.info()
+        found = []
+        if info.accelerator != "cuda":
+            where = f"hardware={self.config_name()} ({info.accelerator})"
+            if self.config.cuda_graphs:
+                found.append(f"cuda_graphs: CUDA graphs need a CUDA GPU and {where} has none; "
+                             "set hardware.cuda_graphs=false or use hardware=cuda")
+            if self.config.compile == "reduce-overhead":
+                found.append(f"compile: reduce-overhead means CUDA graphs, which {where} cannot use; "
+                             "use hardware.compile=default or max-autotune")
+        return found
+
+    def config_name(self) -> str:
+        return type(self).__module__.rsplit(".", 1)[-1]
+
+    # --- worker process ----------------------------------------------------------------------
     def setup_process(self) -> None:
         import torch
 
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
+        if self.config.compile == "off":
+            return  # nothing below matters without torch.compile (and importing dynamo costs seconds)
+        if self.config.compile_cache_dir:
+            root = Path(self.config.compile_cache_dir).expanduser().resolve()
+            (root / "inductor").mkdir(parents=True, exist_ok=True)
+            # read by inductor (and Triton) each time they look for compiled code: a restarted worker
+            # finds the kernels and FX graphs of the previous run instead of recompiling them
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
+            os.environ["TRITON_CACHE_DIR"] = str(root / "triton")
+            import torch._inductor.config as inductor_config
 
-    def optimize(self, model: ModelPlugin, device: str, batch_sizes: list[int]) -> None:
+            inductor_config.fx_graph_cache = True
+            if hasattr(inductor_config, "autotune_local_cache"):
+                inductor_config.autotune_local_cache = True
+        import torch._dynamo.config as dynamo_config
+
+        limit_name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo_config, limit_name, max(getattr(dynamo_config, limit_name), RECOMPILE_LIMIT))
+
+    def pad_batch_size(self, n: int) -> int:
+        if getattr(self, "_eager", False):
+            return n
+        buckets = self.config.batch_buckets
+        for bucket in buckets:
+            if n <= bucket:
+                return bucket
+        if not buckets:
+            return n
+        # beyond the largest bucket: round up to a multiple of it, so the number of shapes stays small
+        return -(-n // buckets[-1]) * buckets[-1]
+
+    def compile_mode(self, module: Any) -> str | None:
+        """The torch.compile mode this config resolves to for ``module``; ``None`` means eager."""
+        requested = self.config.compile
+        graphs = self.config.cuda_graphs or requested == "reduce-overhead"
+        if requested == "off":
+            return None
+        if requested == "auto":
+            if not (graphs or is_rewritten(module)):
+                return None
+            requested = "default"
+        if requested == "max-autotune":
+            return "max-autotune" if graphs else "max-autotune-no-cudagraphs"
+        return "reduce-overhead" if graphs else "default"
+
+    def optimize(self, model: ModelPlugin, device: str, batch_sizes: list[int]) -> dict:
+        """Compile ``model.module`` as configured and warm up over the padded batch sizes.
+
+        Returns ``{"compile_mode", "cuda_graphs", "compile_ms", "warmup_ms", "warmup_batch_sizes"}``;
+        ``compile_ms`` is the first warm-up pass (torch.compile is lazy: it compiles on first call).
+        """
+        import torch
+
+        mode = self.compile_mode(model.module)
+        # Eager kernels take any shape: padding a batch up to a bucket would only add work.
+        self._eager = mode is None
+        graphs = mode in ("reduce-overhead", "max-autotune")
+        report: dict = {"compile": self.config.compile, "compile_mode": mode or "off", "cuda_graphs": graphs,
+                        "compile_ms": 0.0, "warmup_ms": 0.0, "warmup_batch_sizes": []}
+        if mode is not None and model.module is not None:
+            model.module = torch.compile(model.module, mode=mode, dynamic=self.config.compile_dynamic)
         if not self.config.warmup:
-            return
-        for size in batch_sizes:
-            items = model.example_items(size)
-            if items:
-                model.postprocess(model.forward(model.preprocess(items)))
-        log.debug("warmed up over batch sizes %s", batch_sizes)
+            if mode is not None:
+                log.warning("hardware.warmup=false with compile mode %s: the first requests pay for compiling",
+                            mode)
+            return report
+        sizes = sorted({self.pad_batch_size(max(1, int(b))) for b in batch_sizes}) or [1]
+        # pass 1 compiles (if compiled), pass 2 runs the compiled code once, CUDA graph trees record on
+        # a later call: after these passes the first real request runs at steady-state speed
+        passes = 1 + (mode is not None) + graphs
+        for index in range(passes):
+            start = time.perf_counter()
+            for size in sizes:
+                items = model.example_items(size)
+                if not items:
+                    log.warning("model gives no example items; warm-up skipped")
+                    return report
+                try:
+                    model.postprocess(model.forward(model.preprocess(items)))
+                except Exception as exc:
+                    if mode is not None and index == 0:
+                        raise RuntimeError(f"torch.compile (mode={mode}) failed on a batch of {size}: "
+                                           f"{type(exc).__name__}: {exc}; set hardware.compile=off to run "
+                                           "eager") from exc
+                    raise
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            elapsed = (time.perf_counter() - start) * 1000.0
+            report["compile_ms" if mode is not None and index == 0 else "warmup_ms"] += elapsed
+        report["warmup_batch_sizes"] = sizes
+        log.info("engine ready: compile=%s, batch sizes %s, compile %.0f ms, warm-up %.0f ms", mode or "off",
+                 sizes, report["compile_ms"], report["warmup_ms"])
+        return report

@@ -13,7 +13,7 @@ class CudaHardware(EngineHardware):
     def check(self, ctx: CheckContext) -> list[str]:
         if not self.info().available:
             return ["no CUDA device is visible to torch; use hardware=cpu or hardware=auto"]
-        return []
+        return super().check(ctx)
 
 
 PLUGIN = CudaHardware
