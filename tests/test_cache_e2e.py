@@ -41,6 +41,7 @@ def test_miss_then_hit_and_no_cache_bypass(serve, tiny_dir):
 
 def test_persistent_across_restart_and_never_stale(tmp_path, tiny_dir):
     from conftest import ServerPool
+
     from plugins.model.tiny import TinyModel
 
     other = TinyModel.build(tmp_path / "other-weights", seed=7)
