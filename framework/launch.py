@@ -9,6 +9,7 @@ Used by the end-to-end tests, the benchmarks and ``hydraserve bench``::
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -19,6 +20,10 @@ import time
 from pathlib import Path
 
 import httpx
+
+
+# Health polls would otherwise log one INFO line each through httpx.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def free_port() -> int:

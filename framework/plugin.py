@@ -134,6 +134,11 @@ class ModelPlugin(Plugin):
         base = self.calibration_items() or []
         return (base * (batch_size // max(len(base), 1) + 1))[:batch_size] if base else []
 
+    def warmup_batches(self, batch_sizes: list[int]) -> list[list[Any]]:
+        """Batches to run at start-up so that every shape real requests produce is compiled before
+        the first request (e.g. one batch per sequence-length bucket for text models)."""
+        return [self.example_items(size) for size in batch_sizes]
+
     def quality(self, reference: Any, candidate: Any) -> dict:
         """Agreement between reference and candidate ``forward`` outputs (e.g. cosine)."""
         return {}

@@ -219,8 +219,8 @@ class EngineHardware(HardwarePlugin):
         passes = 1 + (mode is not None) + graphs
         for index in range(passes):
             start = time.perf_counter()
-            for size in sizes:
-                items = model.example_items(size)
+            for items in model.warmup_batches(sizes):
+                size = len(items)
                 if not items:
                     log.warning("model gives no example items; warm-up skipped")
                     return report

@@ -161,7 +161,7 @@ class TextEmbeddingModel(ModelPlugin):
         folder = self.model_dir()
         self.device = device
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        encoder = AutoModel.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch.float32)
+        encoder = AutoModel.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
         self.module = _pooled_module(encoder, self.config.normalize).eval().to(device)
 
     def _bucket(self, length: int) -> int:
@@ -199,6 +199,15 @@ class TextEmbeddingModel(ModelPlugin):
 
     def calibration_items(self) -> list[Any]:
         return list(CALIBRATION_SENTENCES)
+
+    def warmup_batches(self, batch_sizes: list[int]) -> list[list[Any]]:
+        # Every batch size at the shortest length, then one input per longer sequence bucket: a
+        # compiled encoder then never meets a new shape (and never recompiles) during a request.
+        batches = super().warmup_batches(batch_sizes)
+        lengths = sorted({self._bucket(b) for b in self.config.seq_buckets})
+        for length in lengths[1:]:
+            batches.append([" ".join(["hello"] * max(length - 2, 1))])  # + [CLS] and [SEP] = length tokens
+        return batches
 
     def quality(self, reference: Any, candidate: Any) -> dict:
         import torch

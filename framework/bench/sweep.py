@@ -1,0 +1,382 @@
+"""After a multirun: one comparison of every config, ranked by goodput at the SLO, and the winner.
+
+``SweepReport`` is a Hydra callback (declared in ``conf/bench.yaml`` under ``hydra.callbacks``);
+``on_multirun_end`` reads each job's ``results.json`` under the sweep folder and writes there:
+
+* ``comparison.md`` and ``comparison.csv``: one row per config, best first, quality beside each;
+* ``comparison.png``: p99 latency against offered rate per config, and goodput per config;
+* with ``bench.recommend=true``: ``recommended_experiment.yaml``, a ``conf/experiment`` preset of
+  the winner (``# @package _global_`` + ``override /group: option`` + parameter overrides).
+
+The same report can be rebuilt from a sweep folder at any time::
+
+    python -m framework.bench.sweep multirun/bench/2025-01-01/12-00-00 --recommend
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from framework.bench.report import fmt, quality_text
+from framework.bench.stats import best_stage
+
+try:
+    from hydra.experimental.callback import Callback
+except ImportError:  # pragma: no cover - hydra-core is a dependency
+    Callback = object  # type: ignore[assignment,misc]
+
+log = logging.getLogger("hydraserve.bench")
+PLUGIN_AND_FRAMEWORK_GROUPS = ("model", "quantization", "batching", "cache", "hardware", "server", "tracing")
+# Set by the bench per run, never part of a recommendation.
+_IGNORED_PARAMS = {("server", "port"), ("server", "host"), ("cache", "directory")}
+RECOMMENDED_NAME = "recommended_experiment.yaml"
+CSV_FIELDS = ["rank", "config", "status", "goodput_rps", "at_offered_rps", "slo_ms", "throughput_rps",
+              "p50_ms", "p95_ms", "p99_ms", "error_rate", "cache_hit_ratio", "quality_metric", "quality_min",
+              "quality_mean", "vs_fastapi_echo_p50", "vs_litserve_raw_goodput", "run_dir", "error"]
+
+
+# ------------------------------------------------------------------------------------------ loading
+def load_runs(sweep_dir: str | Path, max_runs: int = 10_000) -> list[dict]:
+    """Every job's results.json under ``sweep_dir`` (the job folder is recorded as ``run_dir``)."""
+    runs = []
+    for path in sorted(Path(sweep_dir).rglob("results.json"))[:max_runs]:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            log.warning("skipping %s: %s", path, exc)
+            continue
+        if isinstance(data, dict) and "stages" in data:
+            data["run_dir"] = str(path.parent)
+            runs.append(data)
+    return runs
+
+
+def _varying_overrides(runs: list[dict]) -> set[str]:
+    """Override keys whose value differs between runs: what names a config in the table."""
+    values: dict[str, set[str]] = {}
+    for run in runs:
+        for item in run.get("config", {}).get("overrides", []):
+            key, _, value = item.partition("=")
+            values.setdefault(key, set()).add(value)
+    keys = {k for k, v in values.items() if len(v) > 1}
+    for run in runs:  # a key set in only some runs varies too
+        present = {o.partition("=")[0] for o in run.get("config", {}).get("overrides", [])}
+        keys |= set(values) - present
+    return keys
+
+
+def label(run: dict, varying: set[str]) -> str:
+    overrides = run.get("config", {}).get("overrides", [])
+    picked = [o for o in overrides if o.partition("=")[0] in varying] or overrides
+    return " ".join(picked) or "(defaults)"
+
+
+# -------------------------------------------------------------------------------------------- rows
+def rows(runs: list[dict]) -> list[dict]:
+    """One row per run, ranked: completed runs by goodput (then p99), failed ones last."""
+    varying = _varying_overrides(runs)
+    out = []
+    for run in runs:
+        best = run.get("best") or best_stage(run.get("stages") or [])
+        quality = run.get("quality") or {}
+        row: dict[str, Any] = {
+            "config": label(run, varying),
+            "status": run.get("status", "?") if best else ("failed" if run.get("status") == "ok" else
+                                                           run.get("status", "failed")),
+            "goodput_rps": best["goodput"] if best else None,
+            "at_offered_rps": best["offered_rate"] if best else None,
+            "slo_ms": (run.get("bench") or {}).get("slo_ms"),
+            "throughput_rps": best["throughput"] if best else None,
+            "p50_ms": best["latency_ms"]["p50"] if best else None,
+            "p95_ms": best["latency_ms"]["p95"] if best else None,
+            "p99_ms": best["latency_ms"]["p99"] if best else None,
+            "error_rate": best["error_rate"] if best else None,
+            "cache_hit_ratio": best.get("cache_hit_ratio") if best else None,
+            "quality_metric": quality.get("metric"),
+            "quality_min": quality.get("min"),
+            "quality_mean": quality.get("mean"),
+            "vs_fastapi_echo_p50": _ratio_at(run, "fastapi_echo", best, "p50"),
+            "vs_litserve_raw_goodput": _ratio_at(run, "litserve_raw", best, "goodput"),
+            "run_dir": run.get("run_dir", ""),
+            "error": (run.get("error") or "").splitlines()[0][:200] if run.get("error") else "",
+            "_run": run,
+        }
+        out.append(row)
+    ok = [r for r in out if r["goodput_rps"] is not None]
+    bad = [r for r in out if r["goodput_rps"] is None]
+    ok.sort(key=lambda r: (-r["goodput_rps"], r["p99_ms"] if r["p99_ms"] is not None else float("inf")))
+    for i, r in enumerate(ok + bad, 1):
+        r["rank"] = i if r["goodput_rps"] is not None else "-"
+    return ok + bad
+
+
+def _ratio_at(run: dict, baseline: str, best: dict | None, key: str) -> float | None:
+    if not best:
+        return None
+    for row in (run.get("ratios") or {}).get(baseline) or []:
+        if row.get("offered_rate") == best["offered_rate"]:
+            return row.get(key)
+    return None
+
+
+def pick_winner(ranked: list[dict], min_quality: float | None = None) -> dict | None:
+    """The best completed config whose quality meets ``min_quality`` (configs without a quality
+    figure, e.g. no quantization, are the reference and always qualify)."""
+    for r in ranked:
+        if r["goodput_rps"] is None or r["status"] not in ("ok",):
+            continue
+        if min_quality is not None and r["quality_min"] is not None and r["quality_min"] < min_quality:
+            continue
+        return r
+    return None
+
+
+# ------------------------------------------------------------------------------------------ writing
+def _quality_cell(r: dict) -> str:
+    if r["quality_metric"]:
+        return f"{r['quality_metric']} min {fmt(r['quality_min'], 4)} / mean {fmt(r['quality_mean'], 4)}"
+    if r["goodput_rps"] is None:
+        return "—"
+    quant = (r["_run"].get("config", {}).get("choices") or {}).get("quantization")
+    return "reference" if quant in (None, "none") else "not reported"
+
+
+def write_table(ranked: list[dict], out_dir: Path, winner: dict | None = None,
+                min_quality: float | None = None) -> tuple[Path, Path]:
+    csv_path = out_dir / "comparison.csv"
+    with open(csv_path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for r in ranked:
+            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
+    slo = next((r["slo_ms"] for r in ranked if r.get("slo_ms") is not None), None)
+    lines = [
+        "# hydraserve bench: comparison", "",
+        f"Ranked by goodput: 2xx answers per second within the {fmt(slo, 0)} ms SLO, measured from each "
+        "request's intended send time, at the offered rate where the config did best.", "",
+        "| rank | config | goodput req/s | at offered req/s | p50 ms | p95 ms | p99 ms | errors | cache hit "
+        "| quality | vs FastAPI echo p50 | vs LitServe goodput | status |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
+    ]
+    for r in ranked:
+        quality = _quality_cell(r)
+        status = r["status"] + (f": {r['error']}" if r["error"] else "")
+        if min_quality is not None and r["quality_min"] is not None and r["quality_min"] < min_quality:
+            status += f" (quality below bench.min_quality={min_quality})"
+        if winner is r:
+            status += " **recommended**"
+        lines.append(
+            f"| {r['rank']} | `{r['config']}` | {fmt(r['goodput_rps'], 1)} | {fmt(r['at_offered_rps'], 0)} "
+            f"| {fmt(r['p50_ms'])} | {fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} | {fmt(r['error_rate'], 3)} "
+            f"| {fmt(r['cache_hit_ratio'], 3)} | {quality} | {fmt(r['vs_fastapi_echo_p50'], 2, 'x')} "
+            f"| {fmt(r['vs_litserve_raw_goodput'], 2, 'x')} | {status.replace('|', '/')} |")
+    if winner is not None:
+        floor = f" among configs with quality >= {min_quality}" if min_quality is not None else ""
+        lines += ["", f"Recommended (highest goodput{floor}): `{winner['config']}` "
+                  f"({fmt(winner['goodput_rps'], 1)} req/s within the SLO)."]
+    lines += ["", "Per-run details (all rates, baselines, plots): each run's `summary.md` in its folder.", ""]
+    md_path = out_dir / "comparison.md"
+    md_path.write_text("\n".join(lines))
+    return md_path, csv_path
+
+
+def plot(ranked: list[dict], out_dir: Path, winner: dict | None = None) -> Path | None:
+    done = [r for r in ranked if r["goodput_rps"] is not None]
+    if not done:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_lat, ax_good) = plt.subplots(1, 2, figsize=(13, 5))
+    for r in done:
+        st = [s for s in r["_run"].get("stages", []) if s.get("ok")]
+        ax_lat.plot([s["offered_rate"] for s in st], [s["latency_ms"]["p99"] for s in st], marker="o",
+                    label=r["config"][:60])
+    slo = done[0].get("slo_ms")
+    if slo:
+        ax_lat.axhline(slo, color="grey", linestyle=":", linewidth=0.8, label=f"SLO {slo:g} ms")
+    ax_lat.set(xlabel="offered rate (req/s)", ylabel="p99 latency from intended send (ms)", yscale="log",
+               title="p99 latency per config")
+    ax_lat.grid(True, alpha=0.3)
+    ax_lat.legend(fontsize=7)
+    names = ["\n".join(textwrap.wrap(f"#{r['rank']} {r['config']}", 45)[:3]) for r in done]
+    colours = ["tab:green" if r is winner else "tab:blue" for r in done]
+    bars = ax_good.barh(range(len(done)), [r["goodput_rps"] for r in done], color=colours)
+    for bar, r in zip(bars, done, strict=True):
+        q = r["quality_min"]
+        ax_good.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
+                     f" {'ref' if q is None else f'cos {q:.4f}'}", va="center", fontsize=7)
+    ax_good.set_yticks(range(len(done)), names, fontsize=7)
+    ax_good.invert_yaxis()
+    ax_good.set(xlabel="goodput (req/s within SLO)",
+                title="goodput per config (quality beside; green: recommended)")
+    ax_good.grid(True, axis="x", alpha=0.3)
+    fig.tight_layout()
+    path = out_dir / "comparison.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------- recommendation
+def _primary_defaults(conf: Path) -> dict[str, str]:
+    """group -> option from ``conf/serve.yaml``'s defaults list (what a preset need not repeat)."""
+    out: dict[str, str] = {}
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(conf / "serve.yaml"))
+    except Exception:
+        return out
+    for entry in (data or {}).get("defaults", []):  # type: ignore[union-attr]
+        if isinstance(entry, dict):
+            for key, value in entry.items():
+                if value is not None and not str(key).startswith("optional "):
+                    out[str(key)] = str(value)
+    return out
+
+
+def _option_params(conf: Path, group: str, option: str) -> dict | None:
+    path = conf / group / f"{option}.yaml"
+    if not path.is_file():
+        return None
+    try:
+        node = OmegaConf.load(path)
+        data = OmegaConf.to_container(node, resolve=True)
+    except Exception:
+        return None
+    data = dict(data or {})  # type: ignore[arg-type]
+    data.pop("defaults", None)
+    return data
+
+
+def _diff(actual: Any, base: Any, prefix: tuple[str, ...], out: dict) -> None:
+    if isinstance(actual, dict) and isinstance(base, dict):
+        for key, value in actual.items():
+            _diff(value, base.get(key, _MISSING), (*prefix, key), out)
+    elif actual != base:
+        node = out
+        for key in prefix[:-1]:
+            node = node.setdefault(key, {})
+        node[prefix[-1]] = actual
+
+
+_MISSING = object()
+
+
+def recommendation(run: dict, conf: Path | None = None, row: dict | None = None) -> str:
+    """The winner as a ``conf/experiment`` preset: group choices that differ from serve.yaml's
+    defaults, plus every parameter that differs from the chosen option's YAML file."""
+    if conf is None:
+        from framework.config import conf_dir
+
+        conf = conf_dir()
+    cfg = run.get("config", {})
+    choices = cfg.get("choices") or {}
+    groups = cfg.get("groups") or {}
+    defaults = _primary_defaults(conf)
+    lines_defaults, params = [], {}
+    for group in PLUGIN_AND_FRAMEWORK_GROUPS:
+        option = choices.get(group)
+        if option is None:
+            continue
+        if option != defaults.get(group):
+            lines_defaults.append(f"  - override /{group}: {option}")
+        base = _option_params(conf, group, option)
+        actual = groups.get(group)
+        if isinstance(actual, dict):
+            if base is None:  # an installed plugin's option: keep what the run overrode by hand
+                base = {k: v for k, v in actual.items() if f"{group}.{k}" not in _override_keys(cfg)}
+            diff: dict = {}
+            _diff({k: v for k, v in actual.items() if (group, k) not in _IGNORED_PARAMS}, base, (), diff)
+            if diff:
+                params[group] = diff
+    head = ["# @package _global_"]
+    best = (row or {}) or {}
+    head.append(f"# Recommended by `hydraserve bench` from {run.get('run_dir', 'a sweep')}: goodput "
+                f"{fmt(best.get('goodput_rps'), 1)} req/s within the {fmt(best.get('slo_ms'), 0)} ms SLO at "
+                f"{fmt(best.get('at_offered_rps'), 0)} req/s offered, p99 {fmt(best.get('p99_ms'))} ms, quality "
+                f"{quality_text(run.get('quality'), choices.get('quantization'))}.")
+    head.append("# Copy to conf/experiment/<name>.yaml and run `hydraserve serve experiment=<name>`.")
+    body = head + ["defaults:"] + (lines_defaults or ["  - _self_"])
+    text = "\n".join(body) + "\n"
+    if params:
+        text += "\n" + OmegaConf.to_yaml(OmegaConf.create(params))
+    return text
+
+
+def _override_keys(cfg: dict) -> set[str]:
+    return {o.lstrip("+~").partition("=")[0] for o in cfg.get("overrides", [])}
+
+
+# ------------------------------------------------------------------------------------------- entry
+def aggregate(sweep_dir: str | Path, recommend: bool = False, min_quality: float | None = None) -> dict:
+    """Write the comparison (and the recommendation) for the runs under ``sweep_dir``."""
+    out_dir = Path(sweep_dir)
+    runs = load_runs(out_dir)
+    written: dict[str, Any] = {"runs": len(runs)}
+    if not runs:
+        log.warning("no results.json under %s: nothing to compare", out_dir)
+        return written
+    ranked = rows(runs)
+    winner = pick_winner(ranked, min_quality)
+    written["table"], written["csv"] = write_table(ranked, out_dir, winner, min_quality)
+    try:
+        written["plot"] = plot(ranked, out_dir, winner)
+    except Exception as exc:  # the table is what matters; a plotting failure is noted, not fatal
+        (out_dir / "plot_error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
+    if winner is not None:
+        written["winner"] = winner["config"]
+        if recommend:
+            path = out_dir / RECOMMENDED_NAME
+            path.write_text(recommendation(winner["_run"], row=winner))
+            written["recommendation"] = path
+    elif recommend:
+        log.warning("no config completed%s: nothing to recommend",
+                    f" with quality >= {min_quality}" if min_quality is not None else "")
+    log.info("sweep comparison: %s", ", ".join(f"{k}={v}" for k, v in written.items()))
+    return written
+
+
+class SweepReport(Callback):
+    """Hydra callback: ``on_multirun_end`` writes the comparison into the sweep folder."""
+
+    def __init__(self, **_: Any) -> None:
+        pass
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        bench = config.get("bench") or {}
+        try:
+            written = aggregate(sweep_dir, recommend=bool(bench.get("recommend", False)),
+                                min_quality=bench.get("min_quality"))
+        except Exception as exc:  # never turn a finished sweep into a crash at the very end
+            log.error("sweep comparison failed: %s: %s (rebuild it with python -m framework.bench.sweep %s)",
+                      type(exc).__name__, exc, sweep_dir)
+            return
+        if "table" in written:
+            print(f"hydraserve bench: comparison of {written['runs']} runs in {written['table']}"
+                  + (f"; recommended preset: {written['recommendation']}" if "recommendation" in written else ""))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Rebuild a hydraserve bench sweep comparison")
+    parser.add_argument("sweep_dir")
+    parser.add_argument("--recommend", action="store_true", help="also write " + RECOMMENDED_NAME)
+    parser.add_argument("--min-quality", type=float, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    written = aggregate(args.sweep_dir, args.recommend, args.min_quality)
+    return 0 if written.get("runs") else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
