@@ -21,7 +21,6 @@ from pathlib import Path
 
 import httpx
 
-
 # Health polls would otherwise log one INFO line each through httpx.
 logging.getLogger("httpx").setLevel(logging.WARNING)
 
