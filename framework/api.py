@@ -39,7 +39,7 @@ class HydraLoop(LitLoop):
 
         if self.reports is not None:
             self.reports[f"worker-{worker_id}"] = orjson.dumps(lit_api.report).decode()
-        channel = self.factory.worker_channel(worker_id)
+        channel = lit_api.channel
         r: Resolved = lit_api.resolved
         labels = {"model": r.names()["model"], "quantization": r.names()["quantization"], "device": str(device)}
         try:
@@ -67,6 +67,8 @@ class ComposedAPI(ls.LitAPI):
             self.report = {"worker": worker_id, "pid": os.getpid(), "device": str(device)}
             self.report.update(prepare_model(r.model, r.quantization, r.hardware, str(device),
                                              batch_sizes_to_warm(r)))
+            # Listen before LitServe marks this worker READY, so API processes can connect at once.
+            self.channel = self.loop.factory.worker_channel(int(worker_id))
             log.info("worker %s ready on %s: %s", worker_id, device, orjson.dumps(self.report).decode())
         except Exception as exc:
             # Tell the parent why, so `serve` can print it instead of a bare "worker failed".

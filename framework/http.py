@@ -25,7 +25,7 @@ from framework.cache_key import cache_key, cache_scope
 from framework.config import Resolved
 from framework.errors import RequestError
 from framework.plugin import CacheRequest
-from framework.transport.base import ApiChannel, ChannelFactory
+from framework.transport.base import ApiChannel, ChannelFactory, NoWorkerAvailable
 
 log = logging.getLogger("hydraserve.http")
 
@@ -292,18 +292,22 @@ class Gateway:
             return {"err": {"status": 503, "error": "server is at capacity; retry later",
                             "detail": f"{self.server.max_queue} requests are queued (server.max_queue)"}}
         rid = self._prefix + str(next(self._ids))
-        worker = self.channel.pick_worker()
-        loop = asyncio.get_running_loop()
-        reply = _Reply(loop.create_future(), worker)
-        self.inflight[rid] = reply
-        now = time.monotonic()
-        message = {"id": rid, "to": self.channel.reply_to, "items": items, "t": now, "dl": now + timeout_s}
-        if self.tracing_on:
-            message["tc"] = tracing.inject_carrier()
-            message["tw"] = time.time_ns()
+        worker = None
         try:
+            worker = self.channel.pick_worker()
+            reply = _Reply(asyncio.get_running_loop().create_future(), worker)
+            self.inflight[rid] = reply
+            now = time.monotonic()
+            message = {"id": rid, "to": self.channel.reply_to, "items": items, "t": now, "dl": now + timeout_s}
+            if self.tracing_on:
+                message["tc"] = tracing.inject_carrier()
+                message["tw"] = time.time_ns()
             await self.channel.send(orjson.dumps(message), worker)
             return await asyncio.wait_for(reply.future, timeout_s)
+        except NoWorkerAvailable as exc:
+            metrics.rejected("not_ready")
+            return {"err": {"status": 503, "error": "no inference worker is available; retry later",
+                            "detail": str(exc)}}
         except asyncio.TimeoutError:
             metrics.rejected("deadline")
             return {"err": {"status": 504, "error": "deadline exceeded",

@@ -4,13 +4,15 @@ What we keep from LitServe: spawning workers per device (``launch_inference_work
 worker setup status, several forked API processes sharing one socket, graceful shutdown.
 What we replace, and why:
 
-* ``_init_manager``: the request queue and answer transport become a ``ChannelFactory`` (ZMQ by
-  default: no manager round trip, no polling); the Manager remains for setup status only.
+* ``_init_manager``: the request queue and answer transport become a ``ChannelFactory`` (Unix
+  sockets by default: no manager round trip, no helper threads, no polling); the Manager remains
+  for setup status only.
 * ``register_endpoints``: our ``Gateway`` (decode, cache, admission control, deadlines, tracing)
   on plain Starlette routes; no GZip middleware (it costs CPU on every embedding response).
 * ``_start_worker_monitoring``: LitServe's monitor fails in-flight requests by scanning a response
-  buffer that lives in the main process, where forked API processes never write; ours tells every
-  API process which worker died so its in-flight requests fail at once with a clear 503.
+  buffer that lives in the main process, where forked API processes never write. Ours restarts the
+  worker; API processes on the fast path see the dead worker's sockets close and fail its
+  in-flight requests at once with a clear 503 (the stock path is told through its transport).
 """
 
 from __future__ import annotations

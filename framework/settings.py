@@ -18,7 +18,7 @@ class ServerConfig:
     host: str = "127.0.0.1"  # loopback unless the user opens it up on purpose
     port: int = 8000
     num_api_servers: int = 1
-    transport: str = "fast"  # "fast" (ZMQ, no manager, no polling) or "litserve" (stock 0.2.19 path)
+    transport: str = "fast"  # "fast" (Unix sockets, no manager, no polling) or "litserve" (stock 0.2.19 path)
     max_body_bytes: int = 4 * 1024 * 1024
     api_key_env: str = "HYDRASERVE_API_KEY"  # when that variable is set, X-API-Key is required
     timeout_ms: int = 30_000  # per-request deadline; a client may ask for less (X-Request-Timeout-Ms)

@@ -6,6 +6,10 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 
+class NoWorkerAvailable(Exception):
+    """No inference worker can take a request right now (all dead or restarting): a 503."""
+
+
 class ApiChannel(ABC):
     """API-process side: send requests to workers, receive answers (one per API process)."""
 

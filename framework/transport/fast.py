@@ -1,4 +1,17 @@
-"""The fast path: ZMQ ``ipc://`` PUSH/PULL sockets, awaited by asyncio, never polled."""
+"""The fast path: one Unix stream socket per (API process, worker) pair, length-prefixed frames.
+
+Why not a queue or a broker: every hop through another thread or process is a wake-up, and on a
+small machine wake-ups are the latency. Here the API process's asyncio loop reads each worker's
+socket through its own reader callback (no helper thread, no polling), and the worker blocks in
+``select`` on its listening socket and connections. A request costs one ``send`` each way.
+
+The connection doubles as a liveness signal: when a worker dies, its sockets reach EOF in every API
+process at once, which fails that worker's in-flight requests immediately (503) without any message
+from the main process; the API process reconnects when the restarted worker listens again.
+
+Frames are ``!I`` (payload length) + payload. The first frame an API process sends on a connection
+is its reply id; the worker answers each request on the connection of the ``to`` it names.
+"""
 
 from __future__ import annotations
 
@@ -7,125 +20,231 @@ import contextlib
 import itertools
 import math
 import os
+import selectors
 import shutil
+import socket
+import struct
 import tempfile
+import time
 from collections.abc import Callable
 
-import zmq
-import zmq.asyncio
+import orjson
 
-from framework.transport.base import ApiChannel, ChannelFactory, WorkerChannel
+from framework.transport.base import ApiChannel, ChannelFactory, NoWorkerAvailable, WorkerChannel
 
-# Large high-water marks: admission control (server.max_queue) bounds the backlog, not ZMQ.
-_HWM = 100_000
-
-
-def _request_address(folder: str, worker_id: int) -> str:
-    return f"ipc://{folder}/w{worker_id}"
+_FRAME = struct.Struct("!I")
+_READ = 1 << 20
+_RECONNECT_EVERY_S = 0.2
 
 
-def _reply_address(folder: str, pid: int) -> str:
-    return f"ipc://{folder}/r{pid}"
+def _socket_path(folder: str, worker_id: int) -> str:
+    return os.path.join(folder, f"w{worker_id}.sock")
+
+
+def _frames(buffer: bytearray) -> list[bytes]:
+    """Cut every complete frame off the front of ``buffer``."""
+    out = []
+    while len(buffer) >= 4:
+        (size,) = _FRAME.unpack_from(buffer)
+        if len(buffer) < 4 + size:
+            break
+        out.append(bytes(buffer[4:4 + size]))
+        del buffer[:4 + size]
+    return out
+
+
+def _frame(payload: bytes) -> bytes:
+    return _FRAME.pack(len(payload)) + payload
+
+
+class _Connection:
+    __slots__ = ("sock", "buffer")
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buffer = bytearray()
 
 
 class FastApiChannel(ApiChannel):
     def __init__(self, folder: str, num_workers: int):
         self.folder = folder
         self.num_workers = num_workers
-        self.reply_to = _reply_address(folder, os.getpid())
+        self.reply_to = str(os.getpid())
         self.outstanding = [0] * num_workers
+        self._conns: list[_Connection | None] = [None] * num_workers
+        self._last_attempt = [0.0] * num_workers
         self._rr = itertools.count()
-        self._ctx: zmq.asyncio.Context | None = None
-        self._task: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_message: Callable[[bytes], None] | None = None
 
     async def start(self, on_message: Callable[[bytes], None]) -> None:
-        self._ctx = zmq.asyncio.Context()
-        self._pull = self._ctx.socket(zmq.PULL)
-        self._pull.setsockopt(zmq.RCVHWM, _HWM)
-        self._pull.bind(self.reply_to)
-        self._push = []
-        for worker_id in range(self.num_workers):
-            sock = self._ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.SNDHWM, _HWM)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.connect(_request_address(self.folder, worker_id))
-            self._push.append(sock)
+        self._loop = asyncio.get_running_loop()
+        self._on_message = on_message
+        for worker in range(self.num_workers):
+            self._connect(worker)
 
-        async def pump() -> None:
-            while True:
-                on_message(await self._pull.recv())
+    def _connect(self, worker: int) -> bool:
+        self._last_attempt[worker] = time.monotonic()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(_socket_path(self.folder, worker))
+            sock.sendall(_frame(self.reply_to.encode()))
+        except OSError:  # not listening (yet, or any more): try again later
+            sock.close()
+            return False
+        sock.setblocking(False)
+        conn = _Connection(sock)
+        self._conns[worker] = conn
+        self._loop.add_reader(sock.fileno(), self._readable, worker, conn)
+        return True
 
-        self._task = asyncio.get_running_loop().create_task(pump(), name="hydraserve-replies")
+    def _readable(self, worker: int, conn: _Connection) -> None:
+        try:
+            data = conn.sock.recv(_READ)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._lost(worker, conn)
+            return
+        conn.buffer += data
+        for payload in _frames(conn.buffer):
+            self._on_message(payload)
+
+    def _lost(self, worker: int, conn: _Connection) -> None:
+        if self._conns[worker] is conn:
+            self._conns[worker] = None
+        with contextlib.suppress(Exception):
+            self._loop.remove_reader(conn.sock.fileno())
+        conn.sock.close()
+        self.outstanding[worker] = 0
+        self._on_message(orjson.dumps({"dead": worker}))
 
     def pick_worker(self) -> int | None:
+        now = time.monotonic()
+        any_connected = any(c is not None for c in self._conns)
+        for worker, conn in enumerate(self._conns):
+            # Reconnect lazily (a restarted worker); at once when no worker is reachable at all.
+            if conn is None and (not any_connected or now - self._last_attempt[worker] > _RECONNECT_EVERY_S):
+                self._connect(worker)
+        live = [w for w, c in enumerate(self._conns) if c is not None]
+        if not live:
+            raise NoWorkerAvailable("no inference worker is reachable")
         # Least outstanding in this API process; ties broken round-robin so idle workers share load.
-        start = next(self._rr) % self.num_workers
-        order = [(start + i) % self.num_workers for i in range(self.num_workers)]
-        best = min(order, key=lambda w: self.outstanding[w])
-        return best
+        start = next(self._rr)
+        return min(live, key=lambda w: (self.outstanding[w], (w - start) % self.num_workers))
 
     async def send(self, message: bytes, worker: int | None) -> None:
-        assert worker is not None
+        conn = self._conns[worker] if worker is not None else None
+        if conn is None:
+            raise NoWorkerAvailable(f"inference worker {worker} is not reachable")
         self.outstanding[worker] += 1
-        await self._push[worker].send(message, copy=False)
+        data = _frame(message)
+        try:
+            sent = conn.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            raise NoWorkerAvailable(f"inference worker {worker} went away: {exc}") from exc
+        if sent < len(data):  # a large request: let the loop finish it as the socket drains
+            await self._loop.sock_sendall(conn.sock, data[sent:])
 
     def done(self, worker: int | None) -> None:
         if worker is not None and self.outstanding[worker] > 0:
             self.outstanding[worker] -= 1
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(BaseException):
-                await self._task
-        if self._ctx is not None:
-            self._ctx.destroy(linger=0)
+        for worker, conn in enumerate(self._conns):
+            if conn is not None:
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(conn.sock.fileno())
+                conn.sock.close()
+                self._conns[worker] = None
 
 
 class FastWorkerChannel(WorkerChannel):
     def __init__(self, folder: str, worker_id: int):
-        self.folder = folder
-        self._ctx = zmq.Context()
-        self._pull = self._ctx.socket(zmq.PULL)
-        self._pull.setsockopt(zmq.RCVHWM, _HWM)
-        address = _request_address(folder, worker_id)
-        with contextlib.suppress(FileNotFoundError):  # a restarted worker rebinds its predecessor's address
-            os.unlink(address[len("ipc://"):])
-        self._pull.bind(address)
-        self._poller = zmq.Poller()
-        self._poller.register(self._pull, zmq.POLLIN)
-        self._replies: dict[str, zmq.Socket] = {}
+        path = _socket_path(folder, worker_id)
+        with contextlib.suppress(FileNotFoundError):  # a restarted worker takes over its predecessor's path
+            os.unlink(path)
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(path)
+        self._listener.listen(1024)
+        self._listener.setblocking(False)
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ, None)
+        self._by_reply: dict[str, _Connection] = {}
+        self._reply_of: dict[int, str] = {}
 
     def recv(self, timeout_s: float) -> list[bytes]:
-        # Round up: a sub-millisecond wait must block ~1 ms, not spin through poll(0).
-        if not self._poller.poll(math.ceil(timeout_s * 1000) if timeout_s > 0 else 0):
-            return []
-        out = []
+        # Round up: a sub-millisecond wait must block ~1 ms, not spin.
+        timeout = math.ceil(timeout_s * 1000) / 1000 if timeout_s > 0 else 0
+        out: list[bytes] = []
+        for key, _ in self._selector.select(timeout):
+            if key.data is None:
+                self._accept()
+                continue
+            conn: _Connection = key.data
+            try:
+                data = conn.sock.recv(_READ, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                data = b""
+            if not data:
+                self._drop(conn)
+                continue
+            conn.buffer += data
+            for payload in _frames(conn.buffer):
+                fd = conn.sock.fileno()
+                if fd not in self._reply_of:  # the connection's first frame: the API process's reply id
+                    reply = payload.decode()
+                    self._reply_of[fd] = reply
+                    self._by_reply[reply] = conn
+                else:
+                    out.append(payload)
+        return out
+
+    def _accept(self) -> None:
         while True:
             try:
-                out.append(self._pull.recv(zmq.NOBLOCK))
-            except zmq.Again:
-                return out
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            sock.setblocking(True)  # reads use MSG_DONTWAIT; answers use a plain blocking sendall
+            self._selector.register(sock, selectors.EVENT_READ, _Connection(sock))
+
+    def _drop(self, conn: _Connection) -> None:
+        fd = conn.sock.fileno()
+        reply = self._reply_of.pop(fd, None)
+        if reply is not None and self._by_reply.get(reply) is conn:
+            del self._by_reply[reply]
+        with contextlib.suppress(Exception):
+            self._selector.unregister(conn.sock)
+        conn.sock.close()
 
     def send(self, reply_to: str | int, message: bytes) -> None:
-        sock = self._replies.get(reply_to)  # type: ignore[arg-type]
-        if sock is None:
-            sock = self._ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.SNDHWM, _HWM)
-            sock.setsockopt(zmq.LINGER, 1000)
-            sock.connect(str(reply_to))
-            self._replies[reply_to] = sock  # type: ignore[index]
-        sock.send(message, copy=False)
+        conn = self._by_reply.get(str(reply_to))
+        if conn is None:  # that API process is gone: nobody is waiting for this answer
+            return
+        try:
+            conn.sock.sendall(_frame(message))
+        except OSError:
+            self._drop(conn)
 
     def close(self) -> None:
-        self._ctx.destroy(linger=0)
+        for key in list(self._selector.get_map().values()):
+            with contextlib.suppress(Exception):
+                key.fileobj.close()
+        self._selector.close()
 
 
 class FastChannelFactory(ChannelFactory):
     name = "fast"
 
     def __init__(self, num_workers: int):
-        # 0700 by mkdtemp: only this user can connect to the sockets.
+        # 0700 by mkdtemp: only this user can connect to the workers' sockets.
         self.folder = tempfile.mkdtemp(prefix="hydraserve-ipc-")
         self.num_workers = num_workers
         self._owner = os.getpid()
@@ -137,13 +256,7 @@ class FastChannelFactory(ChannelFactory):
         return FastWorkerChannel(self.folder, worker_id)
 
     def notify_api_processes(self, message: bytes, api_pids: list[int]) -> None:
-        ctx = zmq.Context.instance()
-        for pid in api_pids:
-            sock = ctx.socket(zmq.PUSH)
-            sock.setsockopt(zmq.LINGER, 500)
-            sock.connect(_reply_address(self.folder, pid))
-            sock.send(message)
-            sock.close()
+        """Nothing to do: every API process sees a dead worker's sockets close (EOF) by itself."""
 
     def close(self) -> None:
         if os.getpid() == self._owner:
