@@ -18,7 +18,7 @@ import orjson
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from framework import metrics, openai_compat, tracing
 from framework.cache_key import cache_key, cache_scope
@@ -46,13 +46,23 @@ def error_response(status: int, error: str, detail: Any = None, headers: dict | 
 
 
 class _Reply:
-    """Waits for one answer; resolved from the channel's pump."""
+    """Waits for one answer (``future``) or, for a streamed answer, collects its messages (``queue``)."""
 
-    __slots__ = ("future", "worker")
+    __slots__ = ("future", "queue", "worker")
 
-    def __init__(self, future: asyncio.Future, worker: int | None):
+    def __init__(self, future: asyncio.Future | None, worker: int | None, queue: asyncio.Queue | None = None):
         self.future = future
+        self.queue = queue
         self.worker = worker
+
+    def deliver(self, msg: dict) -> bool:
+        """Hand over one message; True when this was the last one."""
+        if self.queue is not None:
+            self.queue.put_nowait(msg)
+            return "end" in msg or "err" in msg
+        if not self.future.done():
+            self.future.set_result(msg)
+        return True
 
 
 class Gateway:
@@ -80,6 +90,7 @@ class Gateway:
         self.tracing_on = tracing.enabled()
         self.cache_on = self.cache.enabled
         self.cache_blocks = bool(getattr(self.cache, "lookup_may_block", False))
+        self.streams = self.model.streaming()
         if self.cache_on:
             self.cache.open()
             self.scope = cache_scope(self.model.identity(), self.r.raw["quantization"], self.r.raw["model"])
@@ -88,8 +99,7 @@ class Gateway:
 
     async def stop(self) -> None:
         for reply in self.inflight.values():
-            if not reply.future.done():
-                reply.future.set_result({"err": {"status": 503, "error": "server is shutting down"}})
+            reply.deliver({"err": {"status": 503, "error": "server is shutting down"}})
         if self.channel is not None:
             await self.channel.close()
         if self.cache_on:
@@ -101,15 +111,16 @@ class Gateway:
         if "dead" in msg:
             self._fail_worker(int(msg["dead"]))
             return
-        reply = self.inflight.pop(msg.get("id"), None)
-        if reply is not None and not reply.future.done():
-            reply.future.set_result(msg)
+        rid = msg.get("id")
+        reply = self.inflight.get(rid)
+        if reply is not None and reply.deliver(msg):
+            self.inflight.pop(rid, None)
 
     def _fail_worker(self, worker: int) -> None:
         for rid, reply in list(self.inflight.items()):
-            if reply.worker == worker and not reply.future.done():
+            if reply.worker == worker:
                 self.inflight.pop(rid, None)
-                reply.future.set_result({"err": {
+                reply.deliver({"err": {
                     "status": 503, "error": "the inference worker handling this request died",
                     "detail": "retry the request; the worker is being restarted" if self.server.restart_workers
                     else "the server is shutting down"}})
@@ -177,7 +188,11 @@ class Gateway:
                             "server.port": self.server.port})
             span = span_cm.__enter__()
         try:
-            response = await self._serve(request, route)
+            try:
+                response = await self._serve(request, route)
+            except Exception:  # a bug must still answer with the JSON error contract, not a bare 500
+                log.exception("unhandled error on %s", route)
+                response = error_response(500, "internal server error", "see the server log")
             status = response.status_code
             if self.tracing_on:
                 response.headers["traceparent"] = tracing.traceparent_of(span)
@@ -207,6 +222,9 @@ class Gateway:
         except RequestError as exc:
             return json_response(exc.to_body(), exc.status)
 
+        if self.streams:
+            return await self._stream(items, body, timeout_s)
+
         lookup = None
         if self.cache_on:
             if "no-cache" in request.headers.get("cache-control", ""):
@@ -224,9 +242,7 @@ class Gateway:
 
         result = await self._submit_split(items, timeout_s)
         if "err" in result:
-            err = result["err"]
-            headers = {"Retry-After": str(self.server.retry_after_s)} if err["status"] == 503 else None
-            return error_response(err["status"], err["error"], err.get("detail"), headers)
+            return self._error(result)
         outputs = result["out"]
         if route == "/v1/embeddings":
             payload = openai_compat.response(outputs, fmt, body.get("model") or self.model.identity()["model"])
@@ -279,42 +295,105 @@ class Gateway:
             return failed
         return {"out": [out for part in parts for out in part["out"]]}
 
-    async def _submit(self, items: list, timeout_s: float) -> dict:
-        # Admission control: a bounded number of admitted-but-unanswered requests across processes.
+    def _admit(self) -> dict | None:
+        """Admission control: a bounded number of admitted-but-unanswered requests across processes.
+        Returns the 503 answer when the bound is reached."""
         with self.admitted.get_lock():
-            if self.admitted.value >= self.server.max_queue:
-                full = True
-            else:
-                full = False
+            if self.admitted.value < self.server.max_queue:
                 self.admitted.value += 1
-        if full:
-            metrics.rejected("queue_full")
-            return {"err": {"status": 503, "error": "server is at capacity; retry later",
-                            "detail": f"{self.server.max_queue} requests are queued (server.max_queue)"}}
+                return None
+        metrics.rejected("queue_full")
+        return {"err": {"status": 503, "error": "server is at capacity; retry later",
+                        "detail": f"{self.server.max_queue} requests are queued (server.max_queue)"}}
+
+    def _release(self, rid: str, worker: int | None) -> None:
+        self.inflight.pop(rid, None)
+        self.channel.done(worker)
+        with self.admitted.get_lock():
+            self.admitted.value -= 1
+
+    async def _enqueue(self, rid: str, items: list, timeout_s: float, reply_factory) -> _Reply:
+        """Pick a worker, register the reply, send the request (``NoWorkerAvailable`` if none)."""
+        worker = self.channel.pick_worker()
+        reply = reply_factory(worker)
+        self.inflight[rid] = reply
+        now = time.monotonic()
+        message = {"id": rid, "to": self.channel.reply_to, "items": items, "t": now, "dl": now + timeout_s}
+        if self.tracing_on:
+            message["tc"] = tracing.inject_carrier()
+            message["tw"] = time.time_ns()
+        await self.channel.send(orjson.dumps(message), worker)
+        return reply
+
+    @staticmethod
+    def _no_worker(exc: Exception) -> dict:
+        metrics.rejected("not_ready")
+        return {"err": {"status": 503, "error": "no inference worker is available; retry later", "detail": str(exc)}}
+
+    @staticmethod
+    def _deadline(timeout_s: float) -> dict:
+        metrics.rejected("deadline")
+        return {"err": {"status": 504, "error": "deadline exceeded",
+                        "detail": f"no answer within {timeout_s * 1000:.0f} ms "
+                                  "(server.timeout_ms or X-Request-Timeout-Ms)"}}
+
+    async def _submit(self, items: list, timeout_s: float) -> dict:
+        refused = self._admit()
+        if refused is not None:
+            return refused
         rid = self._prefix + str(next(self._ids))
-        worker = None
+        loop = asyncio.get_running_loop()
+        reply = None
         try:
-            worker = self.channel.pick_worker()
-            reply = _Reply(asyncio.get_running_loop().create_future(), worker)
-            self.inflight[rid] = reply
-            now = time.monotonic()
-            message = {"id": rid, "to": self.channel.reply_to, "items": items, "t": now, "dl": now + timeout_s}
-            if self.tracing_on:
-                message["tc"] = tracing.inject_carrier()
-                message["tw"] = time.time_ns()
-            await self.channel.send(orjson.dumps(message), worker)
+            reply = await self._enqueue(rid, items, timeout_s, lambda w: _Reply(loop.create_future(), w))
             return await asyncio.wait_for(reply.future, timeout_s)
         except NoWorkerAvailable as exc:
-            metrics.rejected("not_ready")
-            return {"err": {"status": 503, "error": "no inference worker is available; retry later",
-                            "detail": str(exc)}}
+            return self._no_worker(exc)
         except asyncio.TimeoutError:
-            metrics.rejected("deadline")
-            return {"err": {"status": 504, "error": "deadline exceeded",
-                            "detail": f"no answer within {timeout_s * 1000:.0f} ms "
-                                      "(server.timeout_ms or X-Request-Timeout-Ms)"}}
+            return self._deadline(timeout_s)
         finally:
-            self.inflight.pop(rid, None)
-            self.channel.done(worker)
-            with self.admitted.get_lock():
-                self.admitted.value -= 1
+            self._release(rid, reply.worker if reply is not None else None)
+
+    async def _stream(self, items: list, body: dict, timeout_s: float) -> Response:
+        """A streamed answer: newline-delimited JSON, one line per chunk as the worker produces it.
+        The status code waits for the first chunk, so early errors keep their 4xx/5xx; the deadline
+        bounds the wait for each chunk."""
+        refused = self._admit()
+        if refused is not None:
+            return self._error(refused)
+        rid = self._prefix + str(next(self._ids))
+        reply = None
+        try:
+            reply = await self._enqueue(rid, items, timeout_s, lambda w: _Reply(None, w, asyncio.Queue()))
+            first = await asyncio.wait_for(reply.queue.get(), timeout_s)
+        except (NoWorkerAvailable, asyncio.TimeoutError) as exc:
+            self._release(rid, reply.worker if reply is not None else None)
+            return self._error(self._no_worker(exc) if isinstance(exc, NoWorkerAvailable) else
+                               self._deadline(timeout_s))
+        if "err" in first:
+            self._release(rid, reply.worker)
+            return self._error(first)
+
+        async def lines():
+            msg = first
+            try:
+                while True:
+                    if "err" in msg:
+                        yield orjson.dumps({"error": msg["err"]["error"], "detail": msg["err"].get("detail")}) + b"\n"
+                        return
+                    if "end" in msg:
+                        return
+                    yield orjson.dumps(self.model.encode_chunk(msg["chunk"], body),
+                                       option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
+                    msg = await asyncio.wait_for(reply.queue.get(), timeout_s)
+            except asyncio.TimeoutError:
+                yield orjson.dumps(self._deadline(timeout_s)["err"]) + b"\n"
+            finally:
+                self._release(rid, reply.worker)
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    def _error(self, result: dict) -> Response:
+        err = result["err"]
+        headers = {"Retry-After": str(self.server.retry_after_s)} if err["status"] == 503 else None
+        return error_response(err["status"], err["error"], err.get("detail"), headers)

@@ -15,6 +15,7 @@ Where each hook runs matters for latency and for the spawn process model:
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -133,6 +134,19 @@ class ModelPlugin(Plugin):
         """Items to warm up / compile with; defaults to calibration items repeated."""
         base = self.calibration_items() or []
         return (base * (batch_size // max(len(base), 1) + 1))[:batch_size] if base else []
+
+    def streaming(self) -> bool:
+        """True when answers are streamed: ``stream`` yields chunks per item, the client receives them as
+        newline-delimited JSON as they are produced, and such requests run one at a time."""
+        return False
+
+    def stream(self, item: Any) -> Iterator[Any]:
+        """Yield JSON-able chunks of the answer to one item (streaming models only; worker side)."""
+        raise NotImplementedError
+
+    def encode_chunk(self, chunk: Any, body: dict) -> dict:
+        """One line of a streamed answer (API process)."""
+        return {"chunk": chunk}
 
     def warmup_batches(self, batch_sizes: list[int]) -> list[list[Any]]:
         """Batches to run at start-up so that every shape real requests produce is compiled before

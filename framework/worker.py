@@ -112,6 +112,21 @@ class BatchRunner:
             self._trace(batch, len(items), phases, start_ns, None)
         return seconds
 
+    def run_streams(self, batch: list[Pending]) -> float:
+        """Streaming models: each request's chunks go out as they are produced, one request at a time."""
+        start_mono = time.monotonic()
+        for req in batch:
+            start_ns = time.time_ns()
+            try:
+                for item in req.items:
+                    for chunk in self.model.stream(item):
+                        self.channel.send(req.reply_to, orjson.dumps({"id": req.id, "chunk": chunk},
+                                                                     option=orjson.OPT_SERIALIZE_NUMPY))
+                self.channel.send(req.reply_to, orjson.dumps({"id": req.id, "end": True}))
+            except Exception as exc:
+                self._fail(req, exc, start_ns)
+        return time.monotonic() - start_mono
+
     def _fail(self, req: Pending, exc: Exception, start_ns: int) -> None:
         if isinstance(exc, RequestError):
             message = error_message(req.id, exc.status, exc.message, {"field": exc.field} if exc.field else None)
@@ -144,6 +159,7 @@ class BatchRunner:
 def serve_forever(model: ModelPlugin, batching: BatchingPlugin, hardware: HardwarePlugin,
                   channel: WorkerChannel, labels: dict) -> None:
     runner = BatchRunner(model, hardware, channel, labels)
+    streaming = model.streaming()
     pending: deque[Pending] = deque()
     pending_items = 0
 
@@ -182,7 +198,7 @@ def serve_forever(model: ModelPlugin, batching: BatchingPlugin, hardware: Hardwa
             batch.append(req)
             taken += req.n
         pending_items -= taken
-        seconds = runner.run(batch)
+        seconds = runner.run_streams(batch) if streaming else runner.run(batch)
         batching.record(taken, seconds)
         # Whatever arrived while the batch ran joins the queue before the next decision.
         admit(channel.recv(0))

@@ -56,3 +56,14 @@ def test_plugins_lists_every_kind_with_origin():
 def test_cli_works_from_another_directory(tmp_path):
     result = hydraserve("validate", "model=echo", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+def test_serve_refuses_to_start_below_the_quality_floor(tmp_path, tiny_dir):
+    """A quantized model below quantization.min_quality never serves: the worker's reason is printed."""
+    result = hydraserve("serve", "model=tiny", f"model.path={tiny_dir}", "quantization=int8_dynamic",
+                        "hardware.compile=off", "quantization.allow_slow=true", "quantization.min_quality=0.99999999",
+                        "cache=none", "tracing=none", f"hydra.run.dir={tmp_path}", "server.port=18765",
+                        cwd=tmp_path, timeout=240)
+    assert result.returncode == 3, result.stderr[-2000:]
+    assert "quality gate failed for quantization=int8_dynamic" in result.stderr
+    assert "quantization.min_quality=0.99999999" in result.stderr

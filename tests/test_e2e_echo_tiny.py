@@ -96,3 +96,22 @@ def test_tiny_answers_match_the_model_run_locally(tiny_server, tiny_dir):
     with httpx.Client(base_url=tiny_server.url, timeout=10) as client:
         got = client.post("/predict", json={"input": x}).json()["outputs"]
     assert torch.allclose(torch.tensor(got), torch.tensor(expected), atol=1e-5)
+
+
+@pytest.fixture(scope="module", params=["fast", "litserve"])
+def streaming_server(request, serve_module):
+    return serve_module(["model=echo", "model.stream=true", f"server.transport={request.param}", "tracing=none",
+                         "cache=none"])
+
+
+def test_streamed_answer_arrives_as_ndjson_chunks(streaming_server):
+    import json
+
+    with httpx.Client(base_url=streaming_server.url, timeout=10) as client:
+        with client.stream("POST", "/predict", json={"input": ["hey", 7]}) as r:
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("application/x-ndjson")
+            chunks = [json.loads(line)["chunk"] for line in r.iter_lines() if line]
+        assert chunks == ["h", "e", "y", 7]
+        bad = client.post("/predict", json={"nope": 1})
+        assert bad.status_code == 422  # errors before the stream starts keep their status

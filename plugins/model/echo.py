@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,6 +12,7 @@ from framework import ModelPlugin, RequestError
 @dataclass
 class EchoConfig:
     max_items: int = 256
+    stream: bool = False  # answer as a stream: one chunk per character of a string (others: one chunk)
 
 
 class EchoModel(ModelPlugin):
@@ -43,6 +45,15 @@ class EchoModel(ModelPlugin):
 
     def forward(self, batch: Any) -> Any:
         return batch
+
+    def streaming(self) -> bool:
+        return self.config.stream
+
+    def stream(self, item: Any) -> Iterator[Any]:
+        if isinstance(item, str):
+            yield from item
+        else:
+            yield item
 
     def calibration_items(self) -> list[Any]:
         return ["hello"]
