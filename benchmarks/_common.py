@@ -23,10 +23,23 @@ RESULTS = Path(__file__).resolve().parent / "results"
 class BlockingClient:
     def __init__(self, url: str):
         host, port = url.removeprefix("http://").split("/")[0].rsplit(":", 1)
-        self.sock = socket.create_connection((host, int(port)))
+        self.address = (host, int(port))
+        self._connect()
+
+    def _connect(self) -> None:
+        self.sock = socket.create_connection(self.address)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def post(self, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict, bytes]:
+        try:
+            return self._post(path, body, headers)
+        except (ConnectionError, BrokenPipeError):
+            # uvicorn closes a keep-alive connection idle for 5 s (e.g. while another target is measured)
+            self.sock.close()
+            self._connect()
+            return self._post(path, body, headers)
+
+    def _post(self, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict, bytes]:
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         head = (f"POST {path} HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
                 f"Content-Length: {len(body)}\r\n{extra}\r\n").encode()

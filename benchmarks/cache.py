@@ -2,8 +2,8 @@
 
 One run starts, side by side, a plain FastAPI echo (the floor: parse the JSON body, return canned
 bytes of the same size as the cached answer) and three hydraserve servers (``cache=disk``,
-``cache=memory``, ``cache=semantic``), then measures at concurrency 1 with one warmed keep-alive
-httpx client:
+``cache=memory``, ``cache=semantic``, tracing off), then measures at concurrency 1 with a raw
+keep-alive socket client (httpx alone costs ~1 ms a request here):
 
 * disk-cache hit, memory-cache hit, semantic hit (a paraphrase of a cached request);
 * a miss: the model runs (``Cache-Control: no-cache`` bypasses the cache);
@@ -119,6 +119,33 @@ def body_of(text: str) -> bytes:
     return orjson.dumps({"input": text})
 
 
+class RawPoster:
+    """The measuring client: raw HTTP/1.1 on one keep-alive socket per server (benchmarks/_common.py).
+    httpx spends ~1 ms of its own per request here, several times what is being measured."""
+
+    class Answer:
+        def __init__(self, status: int, headers: dict, body: bytes):
+            self.status_code, self.headers, self.content = status, headers, body
+            self.text = body.decode(errors="replace")
+
+    def __init__(self) -> None:
+        self._clients: dict = {}
+
+    def post(self, url: str, content: bytes, headers: dict) -> RawPoster.Answer:
+        from benchmarks._common import BlockingClient
+
+        base, _, path = url.partition("//")[2].partition("/")
+        client = self._clients.get(base)
+        if client is None:
+            client = self._clients[base] = BlockingClient("http://" + base)
+        extra = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+        return RawPoster.Answer(*client.post("/" + path, content, extra))
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
+
+
 def timed(client, url: str, body: bytes, headers: dict, n: int, expect: str | None) -> list[float]:
     out = []
     for _ in range(n):
@@ -167,7 +194,8 @@ def run(args: argparse.Namespace) -> Path:
     n = args.n or (150 if args.quick else 1000)
     rounds = args.rounds or (1 if args.quick else 3)
     tmp = Path(tempfile.mkdtemp(prefix="hydraserve-cache-bench-"))
-    common = [f"model={model}", "batching=none"]
+    # tracing off: its cost is benchmarks/tracing.py's subject, and it would hide the cache's own
+    common = [f"model={model}", "batching=none", "tracing=none"]
     servers = {
         "disk": ServerProcess([*common, "cache=disk", f"cache.directory={tmp / 'disk'}"]),
         "memory": ServerProcess([*common, "cache=memory"]),
@@ -197,6 +225,9 @@ def run(args: argparse.Namespace) -> Path:
                 r.raise_for_status()
                 answer = answer or r.content
             client.put(floor.url + "/canned", content=answer)  # the floor answers with as many bytes
+        poster = RawPoster()
+        try:
+            client = poster
             warm = max(20, n // 10)
             for sc in scenarios:
                 url = servers[sc.server].url + "/predict"
@@ -209,6 +240,8 @@ def run(args: argparse.Namespace) -> Path:
                     sc.samples += timed(client, url, body_of(sc.text), {**json_headers, **sc.headers}, n,
                                         sc.expect)
                 print(f"  round {r_i + 1}/{rounds} done", flush=True)
+        finally:
+            poster.close()
     finally:
         for server in servers.values():
             server.stop()
@@ -230,7 +263,7 @@ def write_report(scenarios: list[Scenario], args: argparse.Namespace, model: str
         f"`python benchmarks/cache.py{' --quick' if args.quick else ''}` on "
         f"{time.strftime('%Y-%m-%d %H:%M')}: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}, torch {torch.__version__}. "
-        f"model={model}, concurrency 1, one warmed keep-alive httpx client, "
+        f"{model}, tracing off, concurrency 1, a raw keep-alive socket client (benchmarks/_common.py), "
         f"{rounds} round(s) of {n} requests per scenario, each block interleaved with a block of the floor; "
         f"answer body {body_bytes} bytes (the floor returns as many).",
         "",

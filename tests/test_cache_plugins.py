@@ -42,6 +42,8 @@ def memory(**kw) -> MemoryCache:
 
 
 def disk(folder: Path, **kw) -> DiskCache:
+    # The SQLite store itself (what other processes and restarts see); the front has its own test.
+    kw.setdefault("front_entries", 0)
     cache = DiskCache(DiskCacheConfig(directory=str(folder), **kw))
     cache.open()
     return cache
@@ -207,6 +209,21 @@ class TestDisk:
         assert cache.stats()["entries"] == 0  # dropped, so the next answer replaces it
         cache.put(req("k"), b"fresh")
         assert cache.get(req("k")).value == b"fresh"
+
+    def test_front_serves_repeated_hits_and_is_emptied_by_clear(self, tmp_path):
+        folder = tmp_path / "c"
+        cache = disk(folder, front_entries=16)
+        cache.put(req("k"), b"good answer")
+        _sql(folder, "UPDATE Cache SET value = ? WHERE key = ?", (b"garbage!garbage", "k"))
+        assert cache.get(req("k")).value == b"good answer"  # answered by the front, no SQLite read
+        other = disk(folder)  # another process reads the store: the damaged row is a miss there
+        assert other.get(req("k")) is None
+        cache.clear()
+        assert cache.get(req("k")) is None
+
+    def test_no_front_with_a_ttl(self, tmp_path):
+        cache = disk(tmp_path / "c", front_entries=16, ttl_s=60)
+        assert cache._front is None  # a front copy could outlive the entry's TTL
 
     def test_a_pickled_row_is_never_unpickled(self, tmp_path, caplog):
         folder = tmp_path / "c"
