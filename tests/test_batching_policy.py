@@ -125,6 +125,16 @@ def test_adaptive_backlog_fills_to_what_the_learned_cost_allows_under_target():
     assert decision.run and decision.size == 13
 
 
+def test_adaptive_deep_backlog_is_drained_with_full_batches():
+    policy = adaptive(max_batch_size=64, target_latency_ms=20.0)
+    teach(policy, lambda b: 0.002 + 0.001 * b)
+    # 18 items meet the 20 ms target, but 60 are waiting (>= 3 target-sized batches): most miss the
+    # target anyway, so the batcher stops paying the per-batch cost 3-4 times over.
+    decision = policy.plan(60, T0, INF, T0)
+    assert decision.run and decision.size == 60
+    assert policy.plan(200, T0, INF, T0).size == 64
+
+
 def test_adaptive_backlog_smaller_than_allowed_runs_everything():
     policy = adaptive(max_batch_size=64, target_latency_ms=20.0)
     teach(policy, lambda b: 0.002 + 0.001 * b)

@@ -28,7 +28,10 @@ request due at ``due = min(oldest_arrival + target_latency_ms, earliest_deadline
    target. Two exceptions keep it from making things worse: it never goes below the smallest size
    whose throughput ``b / t(b)`` keeps up with 1.25x the arrival rate (a batch too small to keep up
    only grows the backlog), and if even one item cannot meet ``due`` the oldest is already late, so
-   it runs the largest batch allowed to drain the backlog fastest.
+   it runs the largest batch allowed to drain the backlog fastest. The same drain applies when the
+   backlog is at least ``DRAIN_DEPTH`` (3) target-sized batches deep: most of those requests miss the
+   target whatever the batcher does, and target-sized batches would pay the per-batch cost again and
+   again (measured: at saturation they held throughput to 0.84x of full batches).
 
 How this differs from the prior art:
 
@@ -57,6 +60,8 @@ from plugins.batching._cost_model import CostModel
 WAIT_FRACTION = 0.5
 # Size a batch to keep up with this multiple of the arrival rate (room for bursts and noise).
 HEADROOM = 1.25
+# A backlog this many target-sized batches deep is drained with full batches (rule 4).
+DRAIN_DEPTH = 3
 # Shorter waits than this cost more in wake-ups than they can gain.
 MIN_WAIT_S = 20e-6
 
@@ -105,7 +110,7 @@ class AdaptiveBatching(BatchingPlugin):
             if wait > MIN_WAIT_S:
                 return BatchDecision(run=False, wait_s=wait)
         self._wait_until = None
-        return BatchDecision(run=True, size=self._size(min(pending_items, limit), due, now))
+        return BatchDecision(run=True, size=self._size(min(pending_items, limit), pending_items, due, now))
 
     def _wait_s(self, n: int, due: float, now: float) -> float:
         """How long waiting for one more item pays (rule 3); 0 to run now."""
@@ -123,11 +128,11 @@ class AdaptiveBatching(BatchingPlugin):
             self._wait_until = now + wait
         return wait
 
-    def _size(self, cap: int, due: float, now: float) -> int:
+    def _size(self, cap: int, pending: int, due: float, now: float) -> int:
         """Items to run now (rule 4)."""
         fits = self.cost.largest_within(due - now, cap)
-        if fits == 0:
-            return cap  # already late: drain at full efficiency
+        if fits == 0 or pending >= DRAIN_DEPTH * fits:
+            return cap  # already late, or a backlog the target cannot hold: drain at full efficiency
         keeps_up = self.cost.smallest_sustaining(HEADROOM * self.arrivals.rate, cap)
         return max(fits, keeps_up)
 
