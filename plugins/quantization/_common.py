@@ -306,3 +306,10 @@ class SchemePlugin(QuantizationPlugin):
         if self.summary:
             out["applied"] = {k: v for k, v in self.summary.items() if k != "kept_full_precision"}
         return out
+
+
+def choice_problems(field: str, value: str, choices: tuple[str, ...]) -> list[tuple[str, str]]:
+    """The config problem for a value outside ``choices`` (e.g. a scheme's granularity)."""
+    if value in choices:
+        return []
+    return [(field, f"must be one of {', '.join(choices)}, got '{value}'")]

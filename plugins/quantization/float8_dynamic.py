@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from plugins.quantization._common import QuantConfig, SchemePlugin, cast_module, quantize_linears
+from plugins.quantization._common import QuantConfig, SchemePlugin, cast_module, choice_problems, quantize_linears
 
 GRANULARITIES = ("per_row", "per_tensor")
 
@@ -22,8 +22,7 @@ class Float8DynamicConfig(QuantConfig):
 
     def problems(self) -> list[tuple[str, str]]:
         out = super().problems()
-        if self.granularity not in GRANULARITIES:
-            out.append(("granularity", f"must be one of {', '.join(GRANULARITIES)}, got '{self.granularity}'"))
+        out += choice_problems("granularity", self.granularity, GRANULARITIES)
         return out
 
 

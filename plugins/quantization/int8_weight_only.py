@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from plugins.quantization._common import QuantConfig, SchemePlugin, quantize_linears
+from plugins.quantization._common import QuantConfig, SchemePlugin, choice_problems, quantize_linears
 
 GRANULARITIES = ("per_row", "per_tensor", "per_group")
 
@@ -23,8 +23,7 @@ class Int8WeightOnlyConfig(QuantConfig):
 
     def problems(self) -> list[tuple[str, str]]:
         out = super().problems()
-        if self.granularity not in GRANULARITIES:
-            out.append(("granularity", f"must be one of {', '.join(GRANULARITIES)}, got '{self.granularity}'"))
+        out += choice_problems("granularity", self.granularity, GRANULARITIES)
         if self.group_size < 1:
             out.append(("group_size", f"must be >= 1, got {self.group_size}"))
         return out
