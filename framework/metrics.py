@@ -252,22 +252,24 @@ def observe_batch(size: int, queue_waits: Iterable[float] = (), forward_s: float
         m.forward.observe(forward_s)
 
 
+def _count(children: dict, counter: Counter, label: str) -> None:
+    # Label children are bound once per process and kept: .labels() on the hot path costs a lock.
+    child = children.get(label)
+    if child is None:
+        child = children[label] = counter.labels(label)
+    child.inc()
+
+
 def cache_lookup(result: str) -> None:
     """``result``: hit, semantic-hit, miss or bypass."""
     m = _m or _metrics()
-    child = m.cache_children.get(result)
-    if child is None:
-        child = m.cache_children[result] = m.cache_lookups.labels(result)
-    child.inc()
+    _count(m.cache_children, m.cache_lookups, result)
 
 
 def rejected(reason: str) -> None:
     """A request refused before running: queue_full, deadline, too_large, unauthorized, ..."""
     m = _m or _metrics()
-    child = m.reject_children.get(reason)
-    if child is None:
-        child = m.reject_children[reason] = m.rejected.labels(reason)
-    child.inc()
+    _count(m.reject_children, m.rejected, reason)
 
 
 # ----------------------------------------------------------------------------------------- exposition

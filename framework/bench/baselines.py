@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,16 +24,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from framework.launch import free_port
+
 BASELINES = ("fastapi_echo", "litserve_raw")
 # Batching plugins name their wait differently; the first key found is LitServe's batch_timeout.
 _WAIT_KEYS_MS = ("batch_timeout_ms", "max_wait_ms", "max_delay_ms", "timeout_ms", "wait_ms")
 _WAIT_KEYS_S = ("batch_timeout_s", "batch_timeout", "max_wait_s")
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def batch_settings(batching: dict) -> tuple[int, float]:

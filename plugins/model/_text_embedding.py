@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from framework import ModelPlugin, RequestError
+from plugins.model._tensor_io import file_fingerprint
 
 CALIBRATION_SENTENCES = [
     "How do I reset my password?",
@@ -50,17 +51,9 @@ class TextEmbeddingConfig:
 
 
 def weights_fingerprint(folder: Path) -> str:
-    """A cheap, content-based fingerprint: size plus the first and last MiB of each weights file."""
-    digest = hashlib.sha256()
-    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
-        size = path.stat().st_size
-        digest.update(f"{path.name}:{size}".encode())
-        with open(path, "rb") as fh:
-            digest.update(fh.read(1 << 20))
-            if size > 2 << 20:
-                fh.seek(-(1 << 20), os.SEEK_END)
-                digest.update(fh.read(1 << 20))
-    return digest.hexdigest()[:16]
+    """The weight files' fingerprints (``file_fingerprint``: size + first and last MiB), combined."""
+    files = sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin"))
+    return hashlib.sha256("|".join(file_fingerprint(p) for p in files).encode()).hexdigest()[:16]
 
 
 def _make_torchvision_importable() -> None:
