@@ -165,23 +165,16 @@ def validate(cfg: DictConfig | dict) -> Resolved:
                 found = built[kind].check(ctx)
             except Exception as exc:  # a check that crashes is still reported, with the others
                 found = [f"check failed: {type(exc).__name__}: {exc}"]
-            problems.extend(ConfigProblem(_key_of(kind, m), _msg_of(m)) for m in found)
+            problems.extend(_check_problem(kind, m) for m in found)
 
     if problems:
         raise ConfigError(problems)
     return Resolved(raw=raw, **built)
 
 
-def _key_of(kind: str, message: str) -> str:
+def _check_problem(kind: str, message: str) -> ConfigProblem:
     # A check may name its field as "field: message"; the key becomes "<kind>.<field>".
-    head, sep, _ = message.partition(": ")
-    if sep and head.replace("_", "").replace(".", "").isalnum() and " " not in head:
-        return f"{kind}.{head}"
-    return kind
-
-
-def _msg_of(message: str) -> str:
     head, sep, rest = message.partition(": ")
     if sep and head.replace("_", "").replace(".", "").isalnum() and " " not in head:
-        return rest
-    return message
+        return ConfigProblem(f"{kind}.{head}", rest)
+    return ConfigProblem(kind, message)
