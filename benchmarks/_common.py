@@ -111,3 +111,30 @@ def write_results(name: str, markdown: str, data: dict) -> Path:
     path = RESULTS / f"{name}.md"
     path.write_text(markdown)
     return path
+
+
+def _busy_jiffies() -> tuple[int, int]:
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def wait_until_quiet(busy_below: float = 0.1, window_s: float = 0.5, max_wait_s: float = 60.0) -> float:
+    """Block until the machine's CPUs are mostly idle (busy fraction under ``busy_below`` over one
+    ``window_s``), at most ``max_wait_s``; returns the seconds waited.
+
+    Servers measured side by side are not idle just because no client talks to them: one that was
+    saturated a moment ago may still be exporting its queued spans (or compacting a cache), and that
+    work would be charged to whichever server is measured next. Linux only; elsewhere it returns 0.
+    """
+    if not Path("/proc/stat").exists():
+        return 0.0
+    start = time.perf_counter()
+    while time.perf_counter() - start < max_wait_s:
+        busy0, total0 = _busy_jiffies()
+        time.sleep(window_s)
+        busy1, total1 = _busy_jiffies()
+        if total1 > total0 and (busy1 - busy0) / (total1 - total0) < busy_below:
+            break
+    return time.perf_counter() - start

@@ -3,9 +3,11 @@
     python benchmarks/tracing.py            # full run, writes benchmarks/results/tracing.md
     python benchmarks/tracing.py --quick    # smoke test (< ~60 s on a quiet machine), tracing_quick.md
 
-The three servers start together and are measured in interleaved rounds (none, file, otlp, none,
-...), so a slow minute of a shared machine hits every configuration alike; each figure is the median
-over rounds. Concurrency 1: p50/p99 from a raw keep-alive socket client. Saturation: requests/s
+The servers start together and are measured in interleaved rounds, in an order rotated each
+round, so a slow minute of a shared machine hits every configuration alike; each figure is the
+median over rounds. Each measurement waits until the CPUs are quiet: a server saturated a moment
+ago keeps exporting its queued spans for a while, and that must not be charged to the next one.
+Concurrency 1: p50/p99 from a raw keep-alive socket client. Saturation: requests/s
 at 16 connections from wrk (or, without wrk, 16 asyncio raw-socket clients). `otlp` exports over
 OTLP/HTTP to a local receiver in its own process that only stores bodies (decoded at the end to
 count spans), so the collector costs next to nothing during the measurement.
@@ -27,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import latency_run, machine, write_results  # noqa: E402
+from benchmarks._common import latency_run, machine, wait_until_quiet, write_results  # noqa: E402
 from framework.launch import ServerProcess  # noqa: E402
 
 BODY = b'{"input": "hello"}'
@@ -134,8 +136,10 @@ def start_all(receiver: Receiver) -> dict[str, ServerProcess]:
     return servers
 
 
-def count_lines(folder: str) -> int:
-    return sum(sum(1 for _ in p.open("rb")) for p in Path(folder).rglob("traces.jsonl"))
+def count_spans(folder: str) -> int:
+    from framework.traces_view import load_spans
+
+    return sum(len(load_spans(p)) for p in Path(folder).rglob("traces.jsonl"))
 
 
 def main() -> int:
@@ -158,7 +162,9 @@ def main() -> int:
                 stack.callback(s.stop)
             print(f"{len(servers)} servers up in {time.perf_counter() - t0:.1f} s", flush=True)
             for r in range(rounds):
-                for name in CONFIGS:
+                # Rotated order: no configuration always follows the same neighbour.
+                for name in CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)]:
+                    wait_until_quiet()  # the previous server's span backlog is exported before we measure
                     url = servers[name].url
                     lat = latency_run(url, "/predict", BODY, n, warmup=100 if args.quick else 300)
                     thr = throughput(url, seconds)
@@ -167,8 +173,8 @@ def main() -> int:
                           f"p99 {lat['p99_ms']:.3f} ms  {thr['rps']:.0f} req/s ({thr['client']})", flush=True)
             time.sleep(1.0)  # the last spans leave within tracing.flush_interval_ms (500)
         # Servers stopped (their exit flushes what was left); now count what arrived.
-        file_spans = count_lines(servers["file"].output_dir)
-        sampled_spans = count_lines(servers["file_10pct"].output_dir)
+        file_spans = count_spans(servers["file"].output_dir)
+        sampled_spans = count_spans(servers["file_10pct"].output_dir)
     finally:
         otlp_spans = receiver.stop()
     return report(args, samples, rounds, n, seconds,
@@ -193,8 +199,9 @@ def report(args, samples: dict[str, list[dict]], rounds: int, n: int, seconds: i
         f"Command: `python benchmarks/tracing.py{' --quick' if args.quick else ''}`  ",
         f"Machine: {machine()}; `{' '.join(COMMON)}`; body `{BODY.decode()}`.  ",
         f"Concurrency 1: {n} requests per round, raw keep-alive socket client. Saturation: {CONNECTIONS} "
-        f"connections for {seconds} s per round ({client}). Median of {rounds} interleaved round(s); "
-        "the servers run side by side, idle while another is measured.", "",
+        f"connections for {seconds} s per round ({client}). Median of {rounds} interleaved round(s) "
+        "in rotated order; the servers run side by side, and each measurement starts once the machine is "
+        "quiet again (the previous server has exported its span backlog).", "",
         "| tracing | p50 ms | p99 ms | p50 added ms | req/s @16 | req/s / none | non-2xx | spans exported |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]

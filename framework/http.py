@@ -15,7 +15,6 @@ import time
 from typing import Any
 
 import orjson
-from opentelemetry.trace import SpanKind, Status, StatusCode
 from starlette.background import BackgroundTask
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -180,13 +179,11 @@ class Gateway:
         started = time.monotonic()
         metrics.request_started()
         status = 500
+        span = None
         if self.tracing_on:
-            span_cm = tracing.tracer().start_as_current_span(
-                f"POST {route}", context=tracing.extract_context(request.headers),
-                kind=SpanKind.SERVER,
-                attributes={"http.request.method": "POST", "http.route": route, "url.path": request.url.path,
-                            "server.port": self.server.port})
-            span = span_cm.__enter__()
+            span = tracing.start_request(f"POST {route}", request.headers, {
+                "http.request.method": "POST", "http.route": route, "url.path": request.scope["path"],
+                "server.port": self.server.port})
         try:
             try:
                 response = await self._serve(request, route)
@@ -194,18 +191,14 @@ class Gateway:
                 log.exception("unhandled error on %s", route)
                 response = error_response(500, "internal server error", "see the server log")
             status = response.status_code
-            if self.tracing_on:
-                response.headers["traceparent"] = tracing.traceparent_of(span)
+            if span is not None:  # raw append: MutableHeaders re-scans the header list on every set
+                response.raw_headers.append((b"traceparent", span.ref.traceparent().encode()))
             return response
         finally:
             metrics.request_finished()
             metrics.observe_request(route, status, time.monotonic() - started)
-            if self.tracing_on:
-                span.set_attribute("http.response.status_code", status)
-                if status >= 500:
-                    span.set_attribute("error.type", str(status))
-                    span.set_status(Status(StatusCode.ERROR))
-                span_cm.__exit__(None, None, None)
+            if span is not None:
+                span.end(status)
 
     async def _serve(self, request: Request, route: str) -> Response:
         if not self._authorized(request):
@@ -271,10 +264,11 @@ class Gateway:
     async def _cache_get(self, lookup: CacheRequest):
         if not self.tracing_on:
             return await self._cache_call(self.cache.get, lookup)
-        with tracing.tracer().start_as_current_span("cache.lookup") as span:
-            hit = await self._cache_call(self.cache.get, lookup)
-            span.set_attribute("cache.result", hit.kind if hit else "miss")
-            return hit
+        start_ns = time.time_ns()
+        hit = await self._cache_call(self.cache.get, lookup)
+        tracing.record("cache.lookup", tracing.current(), start_ns, time.time_ns(),
+                       {"cache.result": hit.kind if hit else "miss"})
+        return hit
 
     async def _cache_put(self, lookup: CacheRequest, data: bytes) -> None:
         try:
@@ -320,8 +314,10 @@ class Gateway:
         now = time.monotonic()
         message = {"id": rid, "to": self.channel.reply_to, "items": items, "t": now, "dl": now + timeout_s}
         if self.tracing_on:
-            message["tc"] = tracing.inject_carrier()
-            message["tw"] = time.time_ns()
+            parent = tracing.message_parent()
+            if parent is not None:  # sampled: the worker records its spans under this request
+                message["tc"] = parent
+                message["tw"] = time.time_ns()
         await self.channel.send(orjson.dumps(message), worker)
         return reply
 

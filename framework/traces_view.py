@@ -1,6 +1,6 @@
 """``hydraserve traces``: where did the time of a request go? A waterfall from the file exporter's spans.
 
-Reads the JSON lines written by ``tracing=file`` (one span per line, from every process of the
+Reads the JSON lines written by ``tracing=file`` (chunks of spans from every process of the
 server), picks the slowest requests (root SERVER spans: no parent in the file, or a remote parent
 such as a client's ``traceparent``) and prints each as a waterfall: one line per span, indented by
 depth, with its offset from the request's start, its duration and a bar on a shared time axis.
@@ -72,20 +72,36 @@ def resolve_file(path: str | Path) -> Path:
     return p
 
 
+def spans_of_line(line: bytes) -> list[dict[str, Any]]:
+    """The spans of one line of a ``tracing=file`` output, each with its ``resource``.
+
+    A line is ``{"resource": {...}, "spans": [...]}`` (a chunk of one process's spans); a line that is
+    a single span object is read too. A torn or foreign line gives no spans.
+    """
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return []
+    if not isinstance(obj, dict):
+        return []
+    if isinstance(obj.get("spans"), list):
+        resource = obj.get("resource") or {}
+        chunk = [s for s in obj["spans"] if isinstance(s, dict)]
+        for s in chunk:
+            s["resource"] = resource
+    else:
+        chunk = [obj]
+    return [s for s in chunk if {"trace_id", "span_id", "start_ns", "end_ns"} <= s.keys()]
+
+
 def load_spans(path: str | Path) -> list[dict[str, Any]]:
-    """Every complete span line of ``path``; a torn last line (a writer mid-flush) is skipped."""
+    """Every span of every complete line of ``path``; a torn last line (a writer mid-flush) is skipped."""
     spans = []
     with open(path, "rb") as f:
         for line in f:
             line = line.strip()
-            if not line:
-                continue
-            try:
-                span = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(span, dict) and {"trace_id", "span_id", "start_ns", "end_ns"} <= span.keys():
-                spans.append(span)
+            if line:
+                spans.extend(spans_of_line(line))
     return spans
 
 

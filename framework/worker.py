@@ -139,21 +139,27 @@ class BatchRunner:
 
     def _trace(self, batch: list[Pending], size: int, phases: dict | None, start_ns: int,
                error: Exception | None) -> None:
-        # record_span: the times are already measured, so spans are built directly (cheaper than the
-        # SDK's start/end route; this runs for every request of every batch).
+        # The times are already measured, so each request's spans are queued as finished records.
+        # Per-request child spans (not span links): each request's trace shows the batch it rode in,
+        # and batch.id ties together the requests that shared it.
+        if not any(req.carrier for req in batch):  # none of these requests is sampled
+            return
         end_ns = time.time_ns()
         attrs = {"batch.size": size, "batch.id": f"{id(self):x}-{self.batch_counter}",
                  "batch.requests": len(batch), **self.labels}
         err = error if error is not None and not isinstance(error, RequestError) else None
         for req in batch:
-            parent = tracing.extract_context(req.carrier)
+            parent = tracing.parent_of_message(req.carrier)
+            if parent is None:  # the API process did not sample this request
+                continue
+            spans = [("batch", start_ns, end_ns, attrs, -1, err)]
+            if phases is not None:
+                (p0, p1), (f0, f1), (q0, q1) = phases["pre"], phases["fwd"], phases["post"]
+                spans += [("preprocess", p0, p1, None, 0, None), ("model.forward", f0, f1, attrs, 0, None),
+                          ("postprocess", q0, q1, None, 0, None)]
             if req.wall_ns:
-                tracing.record_span("queue.wait", parent, req.wall_ns, start_ns)
-            span = tracing.record_span("batch", parent, start_ns, end_ns, attrs, error=err)
-            if span is not None and phases is not None:
-                for name, key in (("preprocess", "pre"), ("model.forward", "fwd"), ("postprocess", "post")):
-                    t0, t1 = phases[key]
-                    tracing.record_span(name, span, t0, t1, attrs if key == "fwd" else None)
+                spans.append(("queue.wait", req.wall_ns, start_ns, None, -1, None))
+            tracing.record_tree(parent, spans)
 
 
 def serve_forever(model: ModelPlugin, batching: BatchingPlugin, hardware: HardwarePlugin,

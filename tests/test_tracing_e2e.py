@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -10,6 +9,8 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+
+from framework import traces_view
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from otlp_receiver import OtlpHttpReceiver  # noqa: E402
@@ -25,7 +26,7 @@ def _read_spans(folder: str, trace_id: str, want: int, timeout: float = 15) -> l
     while time.monotonic() < deadline:
         spans = []
         for path in Path(folder).rglob("traces.jsonl"):
-            spans += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            spans += traces_view.load_spans(path)
         spans = [s for s in spans if s["trace_id"] == trace_id]
         if len(spans) >= want:
             return spans

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import orjson
 import pytest
-from opentelemetry.trace import SpanKind
 from prometheus_client.parser import text_string_to_metric_families
 
 from framework import metrics, traces_view, tracing
@@ -37,26 +36,28 @@ def _clean_tracing():
 
 
 def read_lines(path: Path) -> list[dict]:
-    return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
+    """Every span in the file, each with its resource (every line must parse)."""
+    spans = []
+    for line in path.read_bytes().splitlines():
+        chunk = orjson.loads(line)
+        assert set(chunk) == {"resource", "spans"}
+        spans += [s | {"resource": chunk["resource"]} for s in chunk["spans"]]
+    return spans
 
 
 def make_request_trace(name: str = "POST /predict") -> str:
     """What the server does: a SERVER span, a context carried in a message, worker spans under it."""
-    t = tracing.tracer()
-    with t.start_as_current_span(name, kind=SpanKind.SERVER, attributes={"http.route": "/predict"}) as span:
-        with t.start_as_current_span("cache.lookup", attributes={"cache.result": "miss"}):
-            pass
-        message = {"input": "hello", "tc": tracing.inject_carrier()}
-        # ... the worker side, from the message alone: an SDK span, and spans recorded after the fact.
-        parent = tracing.extract_context(message["tc"])
-        t0 = time.time_ns()
-        tracing.record_span("queue.wait", parent, t0 - 2_000_000, t0)
-        batch = t.start_span("batch", context=parent, attributes={"batch.size": 4})
-        tracing.record_span("model.forward", batch.get_span_context(), t0 + 1000, t0 + 5000,
-                            {"batch.size": 4, "shape": [4, 8]})
-        batch.end()
-        span.set_attribute("http.response.status_code", 200)
-        return f"{span.get_span_context().trace_id:032x}"
+    span = tracing.start_request(name, {}, {"http.route": "/predict"})
+    t0 = time.time_ns()
+    tracing.record("cache.lookup", tracing.current(), t0, t0 + 1000, {"cache.result": "miss"})
+    message = orjson.loads(orjson.dumps({"input": "hello", "tc": tracing.carrier()}))  # crosses as JSON
+    span.end(200)
+    # ... the worker side, from the message alone.
+    parent = tracing.parse_traceparent(message["tc"])
+    tracing.record("queue.wait", parent, t0 - 2_000_000, t0)
+    batch = tracing.record("batch", parent, t0, t0 + 9000, {"batch.size": 4})
+    tracing.record("model.forward", batch, t0 + 1000, t0 + 5000, {"batch.size": 4, "shape": [4, 8]})
+    return span.ref.trace_id
 
 
 # ------------------------------------------------------------------------------------------ exporters
@@ -75,6 +76,7 @@ def test_file_exporter_writes_the_request_tree_as_json_lines(tmp_path):
     root = by_name["POST /predict"]
     assert root["kind"] == "SERVER" and root["parent_span_id"] is None
     assert by_name["cache.lookup"]["parent_span_id"] == root["span_id"]
+    assert by_name["cache.lookup"]["attributes"] == {"cache.result": "miss"}
     assert by_name["batch"]["parent_span_id"] == root["span_id"]
     assert by_name["batch"]["parent_remote"] is True  # it came through the carrier
     assert by_name["model.forward"]["parent_span_id"] == by_name["batch"]["span_id"]
@@ -83,23 +85,39 @@ def test_file_exporter_writes_the_request_tree_as_json_lines(tmp_path):
     assert by_name["batch"]["attributes"] == {"batch.size": 4}
     assert by_name["model.forward"]["attributes"] == {"batch.size": 4, "shape": [4, 8]}
     assert by_name["model.forward"]["resource"] == root["resource"]
-    assert root["attributes"]["http.response.status_code"] == 200
-    assert root["end_ns"] >= by_name["batch"]["end_ns"] > by_name["batch"]["start_ns"] > 0
+    assert root["attributes"] == {"http.route": "/predict", "http.response.status_code": 200}
+    assert root["end_ns"] >= root["start_ns"] > 0
     assert root["status"]["code"] == "UNSET"
     resource = root["resource"]
     assert resource["service.name"] == "hydraserve" and resource["service.version"]
     assert {k: resource[k] for k in RESOURCE} == RESOURCE
+    assert len({s["span_id"] for s in spans}) == len(spans)  # every span has its own id
 
 
 def test_init_is_idempotent_and_absolute_paths_are_kept(tmp_path):
     path = tmp_path / "elsewhere" / "t.jsonl"
     cfg = TracingConfig(exporter="file", path=str(path))
     tracing.init_tracing(cfg, RESOURCE, "/nonexistent-output-dir")
-    tracing.init_tracing(cfg, RESOURCE, "/nonexistent-output-dir")  # no second provider, no duplicates
-    with tracing.tracer().start_as_current_span("once"):
-        pass
+    tracing.init_tracing(cfg, RESOURCE, "/nonexistent-output-dir")  # no second setup, no duplicates
+    tracing.start_request("once", None, {}).end(200)
     tracing.shutdown()
     assert [s["name"] for s in read_lines(path)] == ["once"]
+
+
+def test_sdk_spans_join_the_same_file_under_a_request(tmp_path):
+    # Plugin code may use the OpenTelemetry SDK: its spans land next to the framework's, parented.
+    tracing.init_tracing(TracingConfig(exporter="file"), RESOURCE, str(tmp_path))
+    request = tracing.start_request("POST /predict", {}, {})
+    with tracing.tracer().start_as_current_span("my.step", context=tracing.context_of(tracing.current()),
+                                                attributes={"items": 4}):
+        pass
+    request.end(200)
+    tracing.shutdown()
+    spans = {s["name"]: s for s in read_lines(tmp_path / "traces.jsonl")}
+    assert spans["my.step"]["trace_id"] == spans["POST /predict"]["trace_id"]
+    assert spans["my.step"]["parent_span_id"] == spans["POST /predict"]["span_id"]
+    assert spans["my.step"]["attributes"] == {"items": 4}
+    assert spans["my.step"]["resource"]["model"] == "echo"
 
 
 @pytest.mark.parametrize(
@@ -129,8 +147,7 @@ def test_otlp_exporter_sends_the_same_trace_to_a_collector(receiver, protocol):
 
 def test_console_exporter_prints_spans(capsys):
     tracing.init_tracing(TracingConfig(exporter="console"), RESOURCE, None)
-    with tracing.tracer().start_as_current_span("printed"):
-        pass
+    tracing.start_request("printed", None, {}).end(200)
     tracing.shutdown()
     assert '"name": "printed"' in capsys.readouterr().out
 
@@ -138,65 +155,119 @@ def test_console_exporter_prints_spans(capsys):
 def test_exporter_none_builds_nothing_and_costs_nothing(tmp_path):
     tracing.init_tracing(TracingConfig(exporter="none"), RESOURCE, str(tmp_path))
     assert not tracing.enabled()
+    assert tracing.start_request("ignored", {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}, {}) is None
+    assert tracing.carrier() is None and tracing.current() is None
+    assert tracing.record("ignored", tracing.parse_traceparent({"traceparent": "00-" + "1" * 32 + "-" + "2" * 16
+                                                                 + "-01"}), 1, 2) is None
     with tracing.tracer().start_as_current_span("ignored") as span:
         assert not span.is_recording()
-        assert tracing.inject_carrier() == {}
-        assert tracing.traceparent_of(span) == ""
     assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------- propagation
 
 
-def test_inject_extract_round_trips_the_trace_id(tmp_path):
+def test_client_traceparent_is_continued_and_tracestate_travels_on(tmp_path):
     tracing.init_tracing(TracingConfig(exporter="file"), RESOURCE, str(tmp_path))
-    with tracing.tracer().start_as_current_span("api") as span:
-        carrier = tracing.inject_carrier()
-        header = tracing.traceparent_of(span)
-    ctx = span.get_span_context()
-    assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-0[0-9a-f]", header)
-    assert carrier["traceparent"] == header
-    assert carrier == orjson.loads(orjson.dumps(carrier))  # survives the queued message as JSON
-
-    with tracing.tracer().start_as_current_span("worker", context=tracing.extract_context(carrier)) as child:
-        pass
-    assert child.get_span_context().trace_id == ctx.trace_id
-    assert child.parent.span_id == ctx.span_id
-
-    # Incoming HTTP headers (a client's traceparent and tracestate) are honoured the same way.
     incoming = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", "tracestate": "v=1"}
-    with tracing.tracer().start_as_current_span("server", context=tracing.extract_context(incoming)) as s:
-        assert tracing.traceparent_of(s).startswith("00-4bf92f3577b34da6a3ce929d0e0e4736-")
-        assert tracing.inject_carrier()["tracestate"] == "v=1"  # vendor state travels on
-    assert s.parent.span_id == 0x00F067AA0BA902B7 and s.parent.is_remote
+    span = tracing.start_request("server", incoming, {})
+    header = span.ref.traceparent()
+    assert re.fullmatch(r"00-4bf92f3577b34da6a3ce929d0e0e4736-[0-9a-f]{16}-01", header)
+    assert tracing.carrier() == {"traceparent": header, "tracestate": "v=1"}  # vendor state travels on
+    span.end(200)
+    assert tracing.current() is None  # ended: no longer current
+    tracing.shutdown()
+    (line,) = read_lines(tmp_path / "traces.jsonl")
+    assert line["parent_span_id"] == "00f067aa0ba902b7" and line["parent_remote"] is True
 
-    # No header, or a malformed one: a new root, never an error.
-    for carrier in (None, {}, {"traceparent": "garbage"}):
-        with tracing.tracer().start_as_current_span("root", context=tracing.extract_context(carrier)) as r:
-            assert r.parent is None
 
-
-def test_record_span_follows_the_parent_sampling_and_marks_errors(tmp_path):
-    assert tracing.record_span("off", None, 1, 2) is None  # tracing off: nothing, no error
+@pytest.mark.parametrize("header", [
+    None, "garbage", "00-" + "0" * 32 + "-00f067aa0ba902b7-01", "00-4bf92f3577b34da6a3ce929d0e0e4736-" + "0" * 16
+    + "-01", "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+])
+def test_a_missing_or_malformed_traceparent_starts_a_new_trace(tmp_path, header):
     tracing.init_tracing(TracingConfig(exporter="file"), RESOURCE, str(tmp_path))
-    sampled = tracing.extract_context({"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"})
-    unsampled = tracing.extract_context({"traceparent": "00-" + "3" * 32 + "-" + "4" * 16 + "-00"})
+    span = tracing.start_request("root", {"traceparent": header} if header else {}, {})
+    assert span.parent is None and span.ref.sampled
+    assert span.ref.trace_id != "4bf92f3577b34da6a3ce929d0e0e4736"
+    span.end(200)
+
+
+def test_parse_traceparent_agrees_with_the_opentelemetry_propagator():
+    from opentelemetry import trace
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    propagator = TraceContextTextMapPropagator()
+    for header in ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+                   "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+                   "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-09-future", "00-abc-def-01",
+                   "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"):
+        theirs = trace.get_current_span(propagator.extract({"traceparent": header})).get_span_context()
+        ours = tracing.parse_traceparent({"traceparent": header})
+        assert (ours is not None) == theirs.is_valid, header
+        if ours is not None:
+            assert int(ours.trace_id, 16) == theirs.trace_id and int(ours.span_id, 16) == theirs.span_id
+            assert ours.sampled == theirs.trace_flags.sampled
+
+
+def test_record_tree_nests_the_worker_spans_under_the_message_parent(tmp_path):
+    tracing.init_tracing(TracingConfig(exporter="file"), RESOURCE, str(tmp_path))
+    request = tracing.start_request("POST /predict", {}, {})
+    compact = orjson.loads(orjson.dumps(tracing.message_parent()))  # what a queued message carries
+    request.end(200)
+    parent = tracing.parent_of_message(compact)
+    assert parent.trace_id == request.ref.trace_id and parent.span_id == request.ref.span_id and parent.remote
     t0 = time.time_ns()
-    batch = tracing.record_span("batch", sampled, t0, t0 + 10, {"batch.size": 2},
-                                error=RuntimeError("model failure"))
-    assert batch is not None and batch.trace_id == int("1" * 32, 16)
-    assert tracing.record_span("phase", batch, t0, t0 + 5) is not None
-    assert tracing.record_span("dropped", unsampled, t0, t0 + 5) is None
-    root = tracing.record_span("root", None, t0, t0 + 5, kind=SpanKind.CONSUMER)  # no parent: a new trace
-    assert root is not None and root.trace_id != batch.trace_id
+    tracing.record_tree(parent, [("batch", t0, t0 + 10, {"batch.size": 2}, -1, RuntimeError("boom")),
+                                 ("model.forward", t0 + 2, t0 + 8, None, 0, None),
+                                 ("queue.wait", t0 - 5, t0, None, -1, None)])
+    tracing.record_tree(None, [("never", t0, t0 + 1, None, -1, None)])
     tracing.shutdown()
     spans = {s["name"]: s for s in read_lines(tmp_path / "traces.jsonl")}
-    assert set(spans) == {"batch", "phase", "root"}
+    assert set(spans) == {"POST /predict", "batch", "model.forward", "queue.wait"}
+    root = spans["POST /predict"]
+    assert spans["batch"]["parent_span_id"] == root["span_id"] and spans["batch"]["parent_remote"]
+    assert spans["queue.wait"]["parent_span_id"] == root["span_id"]
+    assert spans["model.forward"]["parent_span_id"] == spans["batch"]["span_id"]
+    assert not spans["model.forward"]["parent_remote"]
+    assert spans["batch"]["status"] == {"code": "ERROR", "description": "boom"}
+    assert len({s["span_id"] for s in spans.values()}) == 4
+    assert {s["trace_id"] for s in spans.values()} == {root["trace_id"]}
+    for bad in (None, [], ["x", "y", None], {"traceparent": "garbage"}, "00-abc"):
+        assert tracing.parent_of_message(bad) is None
+
+
+def test_record_follows_the_parent_sampling_and_marks_errors(tmp_path):
+    sampled = tracing.parse_traceparent({"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"})
+    unsampled = tracing.parse_traceparent({"traceparent": "00-" + "3" * 32 + "-" + "4" * 16 + "-00"})
+    assert tracing.record("off", sampled, 1, 2) is None  # tracing off: nothing, no error
+    tracing.init_tracing(TracingConfig(exporter="file"), RESOURCE, str(tmp_path))
+    t0 = time.time_ns()
+    batch = tracing.record("batch", sampled, t0, t0 + 10, {"batch.size": 2}, error=RuntimeError("model failure"))
+    assert batch is not None and batch.trace_id == "1" * 32
+    assert tracing.record("phase", batch, t0, t0 + 5) is not None
+    assert tracing.record("dropped", unsampled, t0, t0 + 5) is None
+    assert tracing.record("orphan", None, t0, t0 + 5) is None  # no parent: not part of any request
+    tracing.shutdown()
+    spans = {s["name"]: s for s in read_lines(tmp_path / "traces.jsonl")}
+    assert set(spans) == {"batch", "phase"}
     assert spans["batch"]["parent_span_id"] == "2" * 16
     assert spans["batch"]["status"] == {"code": "ERROR", "description": "model failure"}
     assert spans["batch"]["events"][0]["attributes"]["exception.type"] == "RuntimeError"
     assert spans["phase"]["parent_span_id"] == spans["batch"]["span_id"]
-    assert spans["root"]["kind"] == "CONSUMER" and spans["root"]["parent_span_id"] is None
+
+
+def test_server_span_follows_http_conventions_for_errors(tmp_path):
+    tracing.init_tracing(TracingConfig(exporter="file"), RESOURCE, str(tmp_path))
+    tracing.start_request("client error", None, {}).end(422)
+    tracing.start_request("server error", None, {}).end(503)
+    tracing.shutdown()
+    spans = {s["name"]: s for s in read_lines(tmp_path / "traces.jsonl")}
+    client_error = spans["client error"]
+    assert client_error["status"]["code"] == "UNSET" and "error.type" not in client_error["attributes"]
+    assert spans["server error"]["status"]["code"] == "ERROR"
+    assert spans["server error"]["attributes"]["error.type"] == "503"
 
 
 def test_sample_ratio_zero_records_nothing_but_honours_a_sampled_parent(tmp_path):
@@ -204,39 +275,66 @@ def test_sample_ratio_zero_records_nothing_but_honours_a_sampled_parent(tmp_path
     for _ in range(20):
         make_request_trace()
     incoming = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}
-    upstream = tracing.extract_context(incoming)
-    with tracing.tracer().start_as_current_span("sampled upstream", context=upstream):
-        pass
+    tracing.start_request("sampled upstream", incoming, {}).end(200)
+    unsampled = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"}
+    span = tracing.start_request("unsampled upstream", unsampled, {})
+    assert tracing.carrier() is None  # the worker is told nothing, so it records nothing
+    assert span.ref.traceparent().endswith("-00")  # and the client still learns its trace id
+    span.end(200)
     tracing.shutdown()
     assert [s["name"] for s in read_lines(tmp_path / "traces.jsonl")] == ["sampled upstream"]
+
+
+def test_sample_ratio_matches_the_sdk_sampler_decision(tmp_path):
+    from opentelemetry.sdk.trace.sampling import TraceIdRatioBased
+
+    sdk = TraceIdRatioBased(0.25)
+    tracing.init_tracing(TracingConfig(exporter="file", sample_ratio=0.25), RESOURCE, str(tmp_path))
+    decisions = []
+    for _ in range(400):
+        span = tracing.start_request("r", None, {})
+        ours = span.ref.sampled
+        span.end(200)
+        theirs = sdk.should_sample(None, int(span.ref.trace_id, 16), "r").decision.is_sampled()
+        assert ours == theirs
+        decisions.append(ours)
+    assert 40 < sum(decisions) < 160  # about a quarter
+
+
+def test_a_full_queue_drops_spans_instead_of_blocking(tmp_path):
+    tracing.init_tracing(TracingConfig(exporter="file", max_queue_size=10, flush_interval_ms=60_000), RESOURCE,
+                         str(tmp_path))
+    for _ in range(50):
+        tracing.start_request("r", None, {}).end(200)
+    tracing.shutdown()
+    assert len(read_lines(tmp_path / "traces.jsonl")) == 10
 
 
 # ------------------------------------------------------------------------------------------------ fork
 
 
 def _child_after_fork(path: str, n: int) -> None:
-    # A provider inherited across fork must not be used: the child starts disabled...
+    # State inherited across fork must not be used: the child starts disabled...
     assert not tracing.enabled()
-    with tracing.tracer().start_as_current_span("must not appear"):
-        pass
+    assert tracing.start_request("must not appear", None, {}) is None
     # ...and builds its own.
-    tracing.init_tracing(TracingConfig(exporter="file", path=path), {"role": "child"}, None)
+    tracing.init_tracing(TracingConfig(exporter="file", path=path, flush_interval_ms=5), {"role": "child"}, None)
     for i in range(n):
-        with tracing.tracer().start_as_current_span("child", attributes={"i": i, "pad": "x" * 200}):
-            pass
+        tracing.start_request("child", None, {"i": i, "pad": "x" * 200}).end(200)
     tracing.shutdown()
 
 
-def test_forked_process_builds_its_own_provider_and_lines_never_interleave(tmp_path):
+def test_forked_process_builds_its_own_tracing_and_lines_never_interleave(tmp_path):
     path = tmp_path / "shared.jsonl"
     cfg = TracingConfig(exporter="file", path=str(path), flush_interval_ms=5)
     tracing.init_tracing(cfg, {"role": "parent"}, None)
-    n = 400
+    n = 2000
     child = FORK.Process(target=_child_after_fork, args=(str(path), n))
     child.start()
     for i in range(n):  # both processes append to one file at the same time
-        with tracing.tracer().start_as_current_span("parent", attributes={"i": i, "pad": "y" * 200}):
-            pass
+        tracing.start_request("parent", None, {"i": i, "pad": "y" * 200}).end(200)
+        if i % 100 == 0:
+            time.sleep(0.002)  # let the exporting thread write while the child writes too
     child.join(60)
     assert child.exitcode == 0
     tracing.shutdown()
@@ -374,7 +472,10 @@ def synthetic_file(path: Path) -> Path:
         _span(FAST, "7" * 16, "6" * 16, "batch", 20.2, 0.5, status="ERROR"),
         _span("d" * 32, "8" * 16, None, "shared.batch", 6.5, 5, links=[(SLOW, "1" * 16)]),
     ]
-    data = b"".join(orjson.dumps(s) + b"\n" for s in spans) + b'{"trace_id": "torn'  # a writer mid-line
+    # The exporter's chunk lines (resource + spans) and single-span lines (other writers) both read.
+    chunk = {"resource": {"service.name": "hydraserve"}, "spans": spans[:5]}
+    data = orjson.dumps(chunk) + b"\n" + b"".join(orjson.dumps(s) + b"\n" for s in spans[5:])
+    data += b'{"resource": {}, "spans": [{"trace_id": "torn'  # a writer mid-line
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
     return path

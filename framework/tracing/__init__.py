@@ -1,0 +1,440 @@
+"""OpenTelemetry tracing for one process, and trace context across the process boundary.
+
+Why not the SDK's tracer on the request path: on this project's 2-core machine a request span
+through ``start_as_current_span`` cost about 80 µs (sampler, context attach, attribute validation,
+a lock per span), and the worker's five spans another 60 µs. With the ``echo`` model that halved
+the throughput at saturation (``benchmarks/tracing.py``). The framework's own spans are therefore
+recorded as plain tuples (:class:`~framework.tracing.records.SpanRecord`) with W3C-compatible ids
+and sampling, queued without a lock, and turned into JSON lines or SDK spans later by one exporting
+thread per process. What reaches the file or the collector is the same OpenTelemetry data: trace
+and span ids, parent links, kinds, attributes, status, exception events, and a resource.
+
+The SDK stays available for code that wants its own spans: :func:`tracer` returns an SDK tracer
+whose spans go through the same queue and exporter, and :func:`context_of` turns a request's
+:class:`SpanRef` into an OpenTelemetry ``Context`` to parent them.
+
+Each process sets itself up after it starts (:func:`init_tracing` in every API process after fork
+and in every inference worker after spawn). State inherited across ``fork`` is never reused (its
+file descriptor and thread belong to the parent); a fork hook drops it in the child.
+
+The request path::
+
+    span = tracing.start_request("POST /predict", request.headers, {"http.route": "/predict"})
+    message["tc"] = tracing.carrier()           # the current request's traceparent, for the worker
+    response.headers["traceparent"] = span.ref.traceparent()
+    span.end(200)
+    # in the worker, with times already measured
+    parent = tracing.parse_traceparent(message["tc"])
+    batch = tracing.record("batch", parent, start_ns, end_ns, {"batch.size": 8})
+    tracing.record("model.forward", batch, t0, t1)
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextvars
+import logging
+import multiprocessing.util
+import os
+import random
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+from framework.tracing.context import SpanRef, new_span_id, new_trace_id, parse_traceparent, ratio_sampled
+from framework.tracing.export import JsonLinesSpanExporter, Recorder, RecorderProcessor, SdkSink
+from framework.tracing.records import SpanRecord
+
+__all__ = [
+    "JsonLinesSpanExporter",
+    "RequestSpan",
+    "SpanRef",
+    "carrier",
+    "context_of",
+    "current",
+    "enabled",
+    "extract_context",
+    "force_flush",
+    "init_tracing",
+    "message_parent",
+    "parent_of_message",
+    "parse_traceparent",
+    "record",
+    "record_tree",
+    "resolve_path",
+    "shutdown",
+    "start_request",
+    "tracer",
+]
+
+log = logging.getLogger("hydraserve.tracing")
+
+TRACER_NAME = "hydraserve"
+_NOOP_TRACER: trace.Tracer = trace.NoOpTracer()
+_EMPTY_CONTEXT = Context()
+_new_record = tuple.__new__  # SpanRecord's generated __new__ checks arguments; this path needs none
+_NO_EVENTS: tuple = ()
+_ZERO_ID = "0" * 16
+_getrandbits = random.getrandbits
+
+
+class _State:
+    """Everything one process needs to trace; ``None`` when tracing is off here."""
+
+    def __init__(self, recorder: Recorder, ratio: float, provider: TracerProvider, key: tuple) -> None:
+        self.recorder = recorder
+        self.add = recorder.add
+        self.ratio = ratio
+        self.provider = provider
+        self.tracer = provider.get_tracer(TRACER_NAME)
+        self.pid = os.getpid()
+        self.key = key
+
+
+_lock = threading.Lock()
+_state: _State | None = None
+_exit_hook_pid: int | None = None
+_current: contextvars.ContextVar[SpanRef | None] = contextvars.ContextVar("hydraserve_span", default=None)
+
+
+# ----------------------------------------------------------------------------------------------- setup
+
+
+def _get(cfg: Any, name: str, default: Any = None) -> Any:
+    return getattr(cfg, name, default) if not isinstance(cfg, Mapping) else cfg.get(name, default)
+
+
+def resolve_path(path: str, output_dir: str | os.PathLike | None) -> Path:
+    """The file exporter's path: relative paths are under ``output_dir`` (the run's output folder)."""
+    p = Path(os.path.expanduser(path))
+    if not p.is_absolute() and output_dir is not None:
+        p = Path(output_dir) / p
+    return p
+
+
+def _otlp_exporter(cfg: Any) -> SpanExporter:
+    endpoint = _get(cfg, "endpoint")
+    headers = {str(k): str(v) for k, v in dict(_get(cfg, "headers", None) or {}).items()}
+    timeout = float(_get(cfg, "timeout_s", 10.0))
+    protocol = _get(cfg, "protocol", "http/protobuf")
+    # Imported here: the exporters pull in requests / grpc, which a server without OTLP never needs.
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as Grpc
+
+        return Grpc(endpoint=endpoint, insecure=str(endpoint).startswith("http://"), headers=headers or None,
+                    timeout=timeout)
+    if protocol == "http/protobuf":
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
+
+        return Http(endpoint=endpoint, headers=headers or None, timeout=timeout)
+    raise ValueError(f"tracing.protocol: must be 'http/protobuf' or 'grpc', got '{protocol}'")
+
+
+def _make_sink(cfg: Any, output_dir: Any, resource: Resource) -> JsonLinesSpanExporter | SdkSink:
+    exporter = _get(cfg, "exporter", "none")
+    if exporter == "file":
+        return JsonLinesSpanExporter(resolve_path(_get(cfg, "path", "traces.jsonl"), output_dir), resource)
+    scope = InstrumentationScope(TRACER_NAME)
+    if exporter == "console":
+        # out= explicitly: the SDK's default is the sys.stdout of import time, not of now.
+        return SdkSink(ConsoleSpanExporter(service_name=_get(cfg, "service_name", TRACER_NAME), out=sys.stdout),
+                       resource, scope)
+    if exporter == "otlp":
+        return SdkSink(_otlp_exporter(cfg), resource, scope)
+    raise ValueError(f"tracing.exporter: must be one of none, console, file, otlp, got '{exporter}'")
+
+
+def _resource(cfg: Any, resource_attributes: Mapping[str, Any] | None) -> Resource:
+    from framework import __version__
+
+    attrs: dict[str, Any] = {
+        "service.name": _get(cfg, "service_name", TRACER_NAME) or TRACER_NAME,
+        "service.version": __version__,
+        "process.pid": os.getpid(),
+    }
+    for k, v in (resource_attributes or {}).items():
+        # Resource values must be primitives; a nested config is kept readable as text.
+        attrs[str(k)] = v if isinstance(v, (str, bool, int, float)) else str(v)
+    return Resource.create(attrs)
+
+
+def _config_key(cfg: Any, resource_attributes: Mapping | None, output_dir: Any) -> tuple:
+    fields = ("exporter", "path", "endpoint", "protocol", "timeout_s", "sample_ratio", "service_name",
+              "flush_interval_ms", "max_queue_size")
+    values = tuple(str(_get(cfg, f)) for f in fields)
+    headers = tuple(sorted((str(k), str(v)) for k, v in dict(_get(cfg, "headers", None) or {}).items()))
+    attrs = tuple(sorted((str(k), str(v)) for k, v in (resource_attributes or {}).items()))
+    return values + (headers, attrs, str(output_dir))
+
+
+def init_tracing(
+    cfg: Any,
+    resource_attributes: Mapping[str, Any] | None = None,
+    output_dir: str | os.PathLike | None = None,
+) -> None:
+    """Set up this process's tracing from ``cfg`` (a ``TracingConfig`` or a mapping).
+
+    Idempotent: a second call in the same process with the same arguments does nothing; with other
+    arguments it flushes and replaces the setup. ``exporter: none`` builds nothing, so every call
+    on the request path returns at its first line. ``resource_attributes`` (model, quantization,
+    batching, cache, hardware, ...) join ``service.name`` / ``service.version`` on every span.
+    """
+    global _state
+    key = _config_key(cfg, resource_attributes, output_dir)
+    pid = os.getpid()
+    with _lock:
+        if _state is not None and _state.pid == pid and _state.key == key:
+            return
+        _shutdown_locked()
+        if _get(cfg, "exporter", "none") == "none":
+            return
+        ratio = float(_get(cfg, "sample_ratio", 1.0))
+        resource = _resource(cfg, resource_attributes)
+        recorder = Recorder(_make_sink(cfg, output_dir, resource), int(_get(cfg, "max_queue_size", 8192)),
+                            float(_get(cfg, "flush_interval_ms", 500)) / 1000.0)
+        provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)), resource=resource,
+                                  shutdown_on_exit=False)  # our exit hook also covers multiprocessing children
+        provider.add_span_processor(RecorderProcessor(recorder))
+        _state = _State(recorder, ratio, provider, key)
+        _register_exit_hook(pid)
+
+
+def _register_exit_hook(pid: int) -> None:
+    global _exit_hook_pid
+    if _exit_hook_pid == pid:
+        return
+    _exit_hook_pid = pid
+    atexit.register(shutdown)
+    # A multiprocessing child leaves through os._exit: atexit never runs there, its finalizers do.
+    multiprocessing.util.Finalize(None, shutdown, exitpriority=100)
+
+
+def _forget_after_fork() -> None:
+    """In a forked child: drop the parent's state without touching its file or thread."""
+    global _state, _exit_hook_pid, _lock
+    _lock = threading.Lock()
+    _state, _exit_hook_pid = None, None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_after_fork)
+
+
+def _shutdown_locked() -> None:
+    global _state
+    state, _state = _state, None
+    if state is None or state.pid != os.getpid():
+        return
+    try:
+        state.recorder.shutdown()
+    except Exception:  # at exit, a dead collector must not turn into a traceback
+        log.exception("tracing: shutdown failed")
+
+
+def shutdown() -> None:
+    """Export pending spans and stop the exporter (runs at exit too). Tracing is off afterwards."""
+    with _lock:
+        _shutdown_locked()
+
+
+def force_flush() -> None:
+    """Export every span ended so far (tests and the CLI use this before reading the file)."""
+    state = _state
+    if state is not None:
+        state.recorder.flush()
+
+
+def enabled() -> bool:
+    """True when this process exports spans (``exporter`` is not ``none`` and init ran here)."""
+    return _state is not None
+
+
+def tracer() -> trace.Tracer:
+    """An OpenTelemetry SDK tracer whose spans join this process's export (a no-op one when off).
+
+    For code outside the request path; parent its spans with :func:`context_of`.
+    """
+    state = _state
+    return state.tracer if state is not None else _NOOP_TRACER
+
+
+# ------------------------------------------------------------------------------------------ request path
+
+
+class RequestSpan:
+    """The SERVER span of one HTTP request; made current for the request's task until :meth:`end`."""
+
+    __slots__ = ("ref", "parent", "name", "attributes", "start_ns", "_token")
+
+    def __init__(self, name: str, ref: SpanRef, parent: SpanRef | None, attributes: dict) -> None:
+        self.name = name
+        self.ref = ref
+        self.parent = parent
+        self.attributes = attributes
+        self.start_ns = time.time_ns()
+        self._token = _current.set(ref)
+
+    def end(self, status_code: int) -> None:
+        """Close the span with the response status (HTTP conventions: only 5xx is an error)."""
+        _current.reset(self._token)
+        state = _state
+        if state is None or not self.ref.sampled:
+            return
+        attrs = self.attributes
+        attrs["http.response.status_code"] = status_code
+        status = "UNSET"
+        if status_code >= 500:
+            attrs["error.type"] = str(status_code)
+            status = "ERROR"
+        ref, parent = self.ref, self.parent
+        state.add(_new_record(SpanRecord, (
+            self.name, ref.trace_id, ref.span_id, parent.span_id if parent is not None else None,
+            parent is not None, "SERVER", self.start_ns, time.time_ns(), attrs, status, None, _NO_EVENTS,
+            ref.trace_state)))
+
+
+def start_request(name: str, headers: Mapping[str, Any] | None, attributes: dict) -> RequestSpan | None:
+    """Start a request's SERVER span, continuing the client's ``traceparent`` if it sent one.
+
+    ``None`` when tracing is off in this process. A request without a (valid) header starts a new
+    trace, sampled by ``tracing.sample_ratio``; one with a header follows the client's sampled flag
+    (OpenTelemetry's ``ParentBased`` rule). ``attributes`` is kept and completed at :meth:`end`.
+    """
+    state = _state
+    if state is None:
+        return None
+    parent = parse_traceparent(headers)
+    if parent is None:
+        trace_id = new_trace_id()
+        ref = SpanRef(trace_id, new_span_id(), ratio_sampled(trace_id, state.ratio))
+    else:
+        ref = SpanRef(parent.trace_id, new_span_id(), parent.sampled, parent.trace_state)
+    return RequestSpan(name, ref, parent, attributes)
+
+
+def current() -> SpanRef | None:
+    """The current request's span in this task (``None`` outside a traced request)."""
+    return _current.get()
+
+
+def carrier() -> dict[str, str] | None:
+    """The current request's ``traceparent``/``tracestate`` for a queued message; ``None`` when the
+    request is not sampled, so the worker records nothing for it."""
+    ref = _current.get()
+    if ref is None or not ref.sampled:
+        return None
+    return ref.carrier()
+
+
+def record(
+    name: str,
+    parent: SpanRef | None,
+    start_ns: int,
+    end_ns: int,
+    attributes: dict | None = None,
+    kind: str = "INTERNAL",
+    error: BaseException | str | None = None,
+) -> SpanRef | None:
+    """Record a finished child of ``parent`` whose times are already known (queue wait, a batch and
+    its phases, a cache lookup). Returns the new span's ref, to parent its own children; ``None``
+    (and nothing recorded) when tracing is off, there is no parent, or the trace is not sampled.
+
+    ``attributes`` is kept as given (pass primitive values or lists of them; do not mutate it
+    afterwards). ``error`` marks the span as failed; an exception also becomes an ``exception`` event.
+    """
+    state = _state
+    if state is None or parent is None or not parent.sampled:
+        return None
+    span_id = new_span_id()
+    status, description, events = "UNSET", None, _NO_EVENTS
+    if error is not None:
+        status, description = "ERROR", str(error)
+        if isinstance(error, BaseException):  # what the SDK's span.record_exception adds
+            events = (("exception", end_ns, {"exception.type": type(error).__qualname__,
+                                             "exception.message": str(error)}),)
+    state.add(_new_record(SpanRecord, (
+        name, parent.trace_id, span_id, parent.span_id, parent.remote, kind, start_ns, end_ns, attributes,
+        status, description, events, parent.trace_state)))
+    return SpanRef(parent.trace_id, span_id, True, parent.trace_state)
+
+
+def record_tree(parent: SpanRef | None, spans: list[tuple]) -> None:
+    """Record several finished spans of one trace at once (the worker's spans for one request).
+
+    Each entry is ``(name, start_ns, end_ns, attributes, parent_index, error)``: ``parent_index``
+    is the position of an earlier entry to nest under, or -1 for ``parent`` itself. Nothing is
+    recorded when tracing is off or ``parent`` is missing or not sampled. The same spans as calls
+    to :func:`record`, for about a third of the cost: one random draw for every id, no refs.
+    """
+    state = _state
+    if state is None or parent is None or not parent.sampled:
+        return
+    bits = f"{_getrandbits(64 * len(spans)):0{16 * len(spans)}x}"
+    trace_id, trace_state, add = parent.trace_id, parent.trace_state, state.add
+    ids = [bits[i:i + 16] for i in range(0, len(bits), 16)]
+    for i, (name, start_ns, end_ns, attributes, parent_index, error) in enumerate(spans):
+        status, description, events = "UNSET", None, _NO_EVENTS
+        if error is not None:
+            status, description = "ERROR", str(error)
+            if isinstance(error, BaseException):
+                events = (("exception", end_ns, {"exception.type": type(error).__qualname__,
+                                                 "exception.message": str(error)}),)
+        if parent_index < 0:
+            parent_id, remote = parent.span_id, parent.remote
+        else:
+            parent_id, remote = ids[parent_index], False
+        add(_new_record(SpanRecord, (name, trace_id, ids[i] if ids[i] != _ZERO_ID else new_span_id(), parent_id,
+                                     remote, "INTERNAL", start_ns, end_ns, attributes, status, description, events,
+                                     trace_state)))
+
+
+def message_parent() -> list | None:
+    """The current request's span in the compact form a queued message carries, or ``None`` when
+    the request is not sampled (the worker then records nothing). Read it with :func:`parent_of_message`."""
+    ref = _current.get()
+    if ref is None or not ref.sampled:
+        return None
+    return [ref.trace_id, ref.span_id, ref.trace_state]
+
+
+def parent_of_message(value: Any) -> SpanRef | None:
+    """The remote parent a queued message carries: the compact list from :func:`message_parent`, or
+    a ``traceparent`` carrier dict; ``None`` if absent or malformed."""
+    if not value:
+        return None
+    if isinstance(value, list) and len(value) == 3:
+        trace_id, span_id, trace_state = value
+        if isinstance(trace_id, str) and isinstance(span_id, str) and len(trace_id) == 32 and len(span_id) == 16:
+            return SpanRef(trace_id, span_id, True, trace_state, True)
+        return None
+    return parse_traceparent(value) if isinstance(value, Mapping) else None
+
+
+# ------------------------------------------------------------------------------------- SDK interoperation
+
+
+def context_of(ref: SpanRef | None) -> Context:
+    """An OpenTelemetry ``Context`` whose current span is ``ref``: pass it as ``context=`` to an SDK
+    tracer's ``start_span`` to nest a span under a request (an empty context: a new root)."""
+    if ref is None:
+        return _EMPTY_CONTEXT
+    flags = trace.TraceFlags(trace.TraceFlags.SAMPLED if ref.sampled else trace.TraceFlags.DEFAULT)
+    state = trace.TraceState.from_header([ref.trace_state]) if ref.trace_state else None
+    span_context = trace.SpanContext(int(ref.trace_id, 16), int(ref.span_id, 16), ref.remote, flags, state)
+    return trace.set_span_in_context(trace.NonRecordingSpan(span_context), _EMPTY_CONTEXT)
+
+
+def extract_context(carrier: Mapping[str, Any] | None) -> Context:
+    """The OpenTelemetry ``Context`` a ``traceparent`` carrier (a dict, or headers) describes."""
+    return context_of(parse_traceparent(carrier))
