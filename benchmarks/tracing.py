@@ -146,9 +146,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one short round: a smoke test, not a claim")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--requests", type=int, default=2000, help="per round, at concurrency 1")
-    parser.add_argument("--seconds", type=int, default=10, help="per round, at saturation")
+    # Many short rounds rather than a few long ones: this VM's speed drifts by +-15% over tens of
+    # seconds, so configurations are compared round by round, close together in time.
+    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--requests", type=int, default=1000, help="per round, at concurrency 1")
+    parser.add_argument("--seconds", type=int, default=3, help="per round, at saturation")
     args = parser.parse_args()
     rounds, n, seconds = (1, 300, 3) if args.quick else (args.rounds, args.requests, args.seconds)
 
@@ -185,12 +187,16 @@ def report(args, samples: dict[str, list[dict]], rounds: int, n: int, seconds: i
     def med(name: str, key: str) -> float:
         return statistics.median(s[key] for s in samples[name])
 
-    base_rps, base_p50 = med("none", "rps"), med("none", "p50_ms")
+    def paired(name: str, key: str, op) -> float:
+        # Per round against the same round's `none`, then the median: drift between rounds cancels.
+        return statistics.median(op(s[key], b[key]) for s, b in zip(samples[name], samples["none"], strict=True))
+
     rows = []
     for name in CONFIGS:
         rows.append({"tracing": name, "p50_ms": med(name, "p50_ms"), "p99_ms": med(name, "p99_ms"),
                      "rps": med(name, "rps"), "errors": sum(s["errors"] for s in samples[name]),
-                     "rps_ratio": med(name, "rps") / base_rps, "p50_added_ms": med(name, "p50_ms") - base_p50,
+                     "rps_ratio": paired(name, "rps", lambda a, b: a / b),
+                     "p50_added_ms": paired(name, "p50_ms", lambda a, b: a - b),
                      "spans": spans.get(name)})
     client = samples["none"][0]["client"]
     lines = [
@@ -199,9 +205,10 @@ def report(args, samples: dict[str, list[dict]], rounds: int, n: int, seconds: i
         f"Command: `python benchmarks/tracing.py{' --quick' if args.quick else ''}`  ",
         f"Machine: {machine()}; `{' '.join(COMMON)}`; body `{BODY.decode()}`.  ",
         f"Concurrency 1: {n} requests per round, raw keep-alive socket client. Saturation: {CONNECTIONS} "
-        f"connections for {seconds} s per round ({client}). Median of {rounds} interleaved round(s) "
+        f"connections for {seconds} s per round ({client}). Medians of {rounds} interleaved round(s) "
         "in rotated order; the servers run side by side, and each measurement starts once the machine is "
-        "quiet again (the previous server has exported its span backlog).", "",
+        "quiet again (the previous server has exported its span backlog). `req/s / none` and `p50 added` "
+        "are medians of per-round comparisons with the same round's `none`.", "",
         "| tracing | p50 ms | p99 ms | p50 added ms | req/s @16 | req/s / none | non-2xx | spans exported |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]

@@ -181,8 +181,9 @@ class Gateway:
         status = 500
         span = None
         if self.tracing_on:
-            span = tracing.start_request(f"POST {route}", request.headers, {
-                "http.request.method": "POST", "http.route": route, "url.path": request.scope["path"],
+            scope = request.scope
+            span = tracing.start_request(f"POST {route}", scope["headers"], {
+                "http.request.method": "POST", "http.route": route, "url.path": scope["path"],
                 "server.port": self.server.port})
         try:
             try:

@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from framework import metrics, traces_view, tracing
 from framework.settings import TracingConfig
+from framework.tracing.context import parent_from_asgi
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from otlp_receiver import OtlpGrpcReceiver, OtlpHttpReceiver  # noqa: E402
@@ -205,7 +206,11 @@ def test_parse_traceparent_agrees_with_the_opentelemetry_propagator():
                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"):
         theirs = trace.get_current_span(propagator.extract({"traceparent": header})).get_span_context()
         ours = tracing.parse_traceparent({"traceparent": header})
-        assert (ours is not None) == theirs.is_valid, header
+        raw = parent_from_asgi([(b"host", b"x"), (b"traceparent", header.encode()), (b"tracestate", b"v=1")])
+        assert (ours is not None) == theirs.is_valid == (raw is not None), header
+        if raw is not None:  # an ASGI scope's raw headers read the same, tracestate included
+            assert (raw.trace_id, raw.span_id, raw.sampled, raw.trace_state) == \
+                (ours.trace_id, ours.span_id, ours.sampled, "v=1")
         if ours is not None:
             assert int(ours.trace_id, 16) == theirs.trace_id and int(ours.span_id, 16) == theirs.span_id
             assert ours.sampled == theirs.trace_flags.sampled

@@ -52,7 +52,14 @@ from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter
 from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from framework.tracing.context import SpanRef, new_span_id, new_trace_id, parse_traceparent, ratio_sampled
+from framework.tracing.context import (
+    SpanRef,
+    new_ids,
+    new_span_id,
+    parent_from_asgi,
+    parse_traceparent,
+    ratio_sampled,
+)
 from framework.tracing.export import JsonLinesSpanExporter, Recorder, RecorderProcessor, SdkSink
 from framework.tracing.records import SpanRecord
 
@@ -304,9 +311,10 @@ class RequestSpan:
             ref.trace_state)))
 
 
-def start_request(name: str, headers: Mapping[str, Any] | None, attributes: dict) -> RequestSpan | None:
+def start_request(name: str, headers: Mapping[str, Any] | list | None, attributes: dict) -> RequestSpan | None:
     """Start a request's SERVER span, continuing the client's ``traceparent`` if it sent one.
 
+    ``headers``: a mapping (request headers, a carrier dict) or an ASGI scope's raw header list.
     ``None`` when tracing is off in this process. A request without a (valid) header starts a new
     trace, sampled by ``tracing.sample_ratio``; one with a header follows the client's sampled flag
     (OpenTelemetry's ``ParentBased`` rule). ``attributes`` is kept and completed at :meth:`end`.
@@ -314,10 +322,10 @@ def start_request(name: str, headers: Mapping[str, Any] | None, attributes: dict
     state = _state
     if state is None:
         return None
-    parent = parse_traceparent(headers)
+    parent = parent_from_asgi(headers) if type(headers) is list else parse_traceparent(headers)
     if parent is None:
-        trace_id = new_trace_id()
-        ref = SpanRef(trace_id, new_span_id(), ratio_sampled(trace_id, state.ratio))
+        trace_id, span_id = new_ids()
+        ref = SpanRef(trace_id, span_id, ratio_sampled(trace_id, state.ratio))
     else:
         ref = SpanRef(parent.trace_id, new_span_id(), parent.sampled, parent.trace_state)
     return RequestSpan(name, ref, parent, attributes)

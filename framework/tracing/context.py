@@ -13,7 +13,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["SpanRef", "new_span_id", "new_trace_id", "parse_traceparent", "ratio_sampled"]
+__all__ = ["SpanRef", "new_ids", "new_span_id", "new_trace_id", "parent_from_asgi", "parse_traceparent",
+           "ratio_sampled"]
 
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
 _ZERO_TRACE = "0" * 32
@@ -60,6 +61,15 @@ def new_span_id() -> str:
     return f"{_getrandbits(64) or 1:016x}"
 
 
+def new_ids() -> tuple[str, str]:
+    """A new trace id and span id from one random draw (the request path's case)."""
+    bits = f"{_getrandbits(192):048x}"
+    trace_id, span_id = bits[:32], bits[32:]
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:  # invalid ids; once in 2**64 draws
+        return new_trace_id(), new_span_id()
+    return trace_id, span_id
+
+
 def parse_traceparent(carrier: Mapping[str, Any] | None) -> SpanRef | None:
     """The remote parent in ``carrier`` (a dict or request headers), or ``None`` if absent or invalid.
 
@@ -70,14 +80,34 @@ def parse_traceparent(carrier: Mapping[str, Any] | None) -> SpanRef | None:
     header = carrier.get("traceparent")
     if not header:
         return None
+    return _parse(header, carrier.get("tracestate"))
+
+
+def parent_from_asgi(headers: list[tuple[bytes, bytes]]) -> SpanRef | None:
+    """:func:`parse_traceparent` straight from an ASGI scope's raw header list (names lowercase).
+
+    Cheaper than building Starlette's ``Headers`` first; most requests carry no ``traceparent``
+    and pay one pass over a short list.
+    """
+    header = state = None
+    for name, value in headers:
+        if name == b"traceparent":
+            header = value
+        elif name == b"tracestate":
+            state = value
+    if header is None:
+        return None
+    return _parse(header.decode("latin-1"), state.decode("latin-1") if state else None)
+
+
+def _parse(header: str, state: str | None) -> SpanRef | None:
     m = _TRACEPARENT.fullmatch(header.strip())
     if m is None:
         return None
     version, trace_id, span_id, flags, rest = m.groups()
     if version == "ff" or (version == "00" and rest) or trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
         return None
-    state = carrier.get("tracestate") or None
-    return SpanRef(trace_id, span_id, bool(int(flags, 16) & 1), state, True)
+    return SpanRef(trace_id, span_id, bool(int(flags, 16) & 1), state or None, True)
 
 
 def ratio_sampled(trace_id: str, ratio: float) -> bool:
