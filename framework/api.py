@@ -58,8 +58,10 @@ class ComposedAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         from framework.engine import prepare_model
+        from framework.lifecycle import die_with_parent
 
         worker_id = os.environ.get("LITSERVE_WORKER_ID", "?")
+        die_with_parent()  # never outlive the server (a SIGKILLed main process included)
         try:
             self.resolved = validate(self.raw_config)
             r = self.resolved

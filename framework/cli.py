@@ -53,6 +53,7 @@ def _serve_task(cfg) -> None:
     from framework.composer import compose
     from framework.config import validate
     from framework.errors import ConfigError
+    from framework.lifecycle import sigterm_as_interrupt
 
     try:
         resolved = validate(cfg)
@@ -64,8 +65,9 @@ def _serve_task(cfg) -> None:
     log.info("hydraserve: serving %s on http://%s:%d (output folder %s)", resolved.names(), s.host, s.port,
              output_dir)
     try:
-        server.run(host=s.host, port=s.port, num_api_servers=s.num_api_servers, log_level=s.log_level,
-                   generate_client_file=False, access_log=s.access_log)
+        with sigterm_as_interrupt():  # `kill`, `docker stop`: the same graceful stop as Ctrl-C
+            server.run(host=s.host, port=s.port, num_api_servers=s.num_api_servers, log_level=s.log_level,
+                       generate_client_file=False, access_log=s.access_log)
     except RuntimeError as exc:  # e.g. a worker failed to start (quality gate, bad weights)
         print(f"hydraserve: {exc}", file=sys.stderr)
         sys.exit(3)

@@ -84,7 +84,9 @@ class Gateway:
     # --- lifecycle (inside the API process) -------------------------------------------------
     async def start(self, consumer_id: int) -> None:
         from framework.api import resource_attributes
+        from framework.lifecycle import die_with_parent
 
+        die_with_parent()  # this API process must not keep serving the port after the server is gone
         tracing.init_tracing(self.r.tracing, resource_attributes(self.r), self.output_dir)
         self.tracing_on = tracing.enabled()
         self.cache_on = self.cache.enabled

@@ -23,11 +23,13 @@ import multiprocessing as mp
 import threading
 import time
 from contextlib import asynccontextmanager
+from multiprocessing.managers import SyncManager
 from typing import Any
 
 import litserve as ls
 import orjson
 from fastapi import FastAPI
+from litserve.transport.factory import create_transport_from_config
 from litserve.utils import WorkerSetupStatus
 from starlette.requests import Request
 from starlette.responses import Response
@@ -36,6 +38,7 @@ from framework import metrics
 from framework.api import ComposedAPI
 from framework.config import Resolved
 from framework.http import Gateway, error_response, json_response
+from framework.lifecycle import die_with_parent
 from framework.transport.fast import FastChannelFactory
 from framework.transport.stock import StockChannelFactory
 
@@ -47,6 +50,7 @@ class HydraServer(ls.LitServer):
         self.resolved = resolved
         self.output_dir = output_dir
         self.started_at = time.time()
+        self._stopping = False  # set when a shutdown starts, so the monitor never restarts a worker then
         self.api = ComposedAPI(resolved.raw, output_dir)
         # Shared by every forked API process: admitted-but-unanswered requests (server.max_queue).
         self.admitted = mp.get_context("fork").Value("i", 0)
@@ -63,7 +67,7 @@ class HydraServer(ls.LitServer):
 
     # --- transport ------------------------------------------------------------------------------
     def _init_manager(self, num_api_servers: int):
-        manager = super()._init_manager(num_api_servers)
+        manager = self._start_manager(num_api_servers)
         num_workers = len(self._inference_workers_config_for_api(self.api.api_path))
         if self.resolved.server.transport == "fast":
             self.factory = FastChannelFactory(num_workers)
@@ -73,6 +77,26 @@ class HydraServer(ls.LitServer):
         self.api.loop.factory = self.factory
         self.api.loop.reports = self.reports
         self.gateway = Gateway(self.resolved, self.factory, self.admitted, self.output_dir)
+        return manager
+
+    def _start_manager(self, num_api_servers: int) -> SyncManager:
+        """LitServe 0.2.19's ``_init_manager``, except that the Manager process dies with the server.
+
+        It is forked after the listening socket is bound, so it inherits that socket: left alive by
+        a SIGKILLed main process, it would keep the port bound and swallow connections.
+        """
+        manager = SyncManager(ctx=mp.get_context())
+        manager.start(initializer=die_with_parent)
+        self.transport_config.manager = manager
+        self.transport_config.num_consumers = num_api_servers
+        self.workers_setup_status = manager.dict()
+        self._shutdown_event = manager.Event()
+        for lit_api in self.litapi_connector:
+            self.litapi_request_queues[lit_api.api_path] = manager.Queue()
+        if self._logger_connector._loggers:
+            self.logger_queue = manager.Queue()
+        self._logger_connector.run(self)
+        self._transport = create_transport_from_config(self.transport_config)
         return manager
 
     def verify_worker_status(self):
@@ -87,6 +111,10 @@ class HydraServer(ls.LitServer):
             time.sleep(0.05)
 
     def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason: str = "normal"):
+        # Set first: workers terminated by the shutdown must not look like crashes to the monitor
+        # (it would restart them, or start a second shutdown). A plain flag: after Ctrl-C/SIGTERM the
+        # main thread's connection to the Manager (behind _shutdown_event) may be mid-call and unusable.
+        self._stopping = True
         try:
             super()._perform_graceful_shutdown(manager, uvicorn_workers, shutdown_reason)
         finally:
@@ -98,9 +126,9 @@ class HydraServer(ls.LitServer):
         api_pids = [w.pid for w in uvicorn_workers.values() if getattr(w, "pid", None)]
 
         def monitor() -> None:
-            while not self._shutdown_event.is_set():
+            while not self._stopping and not self._shutdown_event.is_set():
                 for idx, proc in enumerate(self.inference_workers):
-                    if proc.is_alive():
+                    if proc.is_alive() or self._stopping:
                         continue
                     log.error("inference worker %d (pid %s) died with exit code %s", idx, proc.pid, proc.exitcode)
                     self.factory.notify_api_processes(orjson.dumps({"dead": idx}), api_pids)

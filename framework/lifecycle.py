@@ -1,0 +1,61 @@
+"""Process lifetime: a server stopped by SIGTERM shuts down like Ctrl-C, and no child outlives it.
+
+Without this, ``kill <pid>`` (what systemd, ``docker stop`` and Kubernetes send) ended only the
+main process: the API processes kept answering on the port and the inference workers kept their
+memory, orphaned. Two layers: the main process turns SIGTERM into the ``KeyboardInterrupt`` that
+LitServe's ``run`` already answers with a graceful shutdown of every child; and each child asks
+the kernel for SIGTERM when its parent dies, which also covers a main process killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+import os
+import signal
+import sys
+from collections.abc import Iterator
+
+log = logging.getLogger("hydraserve")
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM to this process raises ``KeyboardInterrupt`` (a graceful stop)."""
+
+    owner = os.getpid()
+
+    def interrupt(signum, frame):
+        if os.getpid() != owner:  # a forked child inherited this handler: die the default way
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def die_with_parent() -> bool:
+    """Ask the kernel to send this process SIGTERM when its parent exits (Linux; elsewhere a no-op).
+
+    Returns whether it was arranged. If the parent is already gone, exit now.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            return False
+    except OSError:
+        return False
+    if os.getppid() == 1:  # the parent died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+    return True

@@ -1,0 +1,75 @@
+"""Stopping a server: `kill` (SIGTERM) stops it as Ctrl-C does, and nothing it started outlives it.
+
+Before, SIGTERM to the main process (what systemd, `docker stop` and Kubernetes send) left the API
+processes serving on the port and the inference workers holding their memory, orphaned. After a
+SIGKILL (the OOM killer), the children follow their parent on their own: the API processes, the
+worker, and LitServe's Manager process, which had inherited the listening socket and kept the port.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+
+import httpx
+import pytest
+
+from framework.launch import ServerProcess
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie waiting for its (dead) parent's reaper counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _children_of(pid: int) -> list[int]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(entry))
+            except OSError:
+                continue
+    return out
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc to find the server's processes")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_no_process_outlives_a_stopped_server(tmp_path, sig):
+    server = ServerProcess(["model=echo", "cache=none", "tracing=none", "batching=none"],
+                           output_dir=str(tmp_path)).start()
+    try:
+        worker = httpx.get(server.url + "/info").json()["engine"][0]["pid"]
+        main = server.proc.pid
+        children = _children_of(main)
+        assert worker in children and len(children) >= 2  # the worker and at least one API process
+        os.kill(main, sig)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and (server.proc.poll() is None or _port_open(server.port)
+                                               or any(_alive(p) for p in [worker, *children])):
+            time.sleep(0.2)
+        survivors = [p for p in [worker, *children] if _alive(p)]
+        assert not survivors, f"still running after {sig.name}: {survivors}"
+        assert not _port_open(server.port)
+        if sig == signal.SIGTERM:
+            assert server.proc.returncode is not None
+            assert "Traceback" not in server.log_path.read_text(errors="replace")
+    finally:
+        server.stop()
