@@ -7,8 +7,10 @@ What it does, in one run so every number has its baseline beside it:
 
 1. Builds each variant through the worker's real start-up path (``framework.engine.prepare_model``:
    load -> quantize -> quality gate -> torch.compile + warm-up) with the built-in plugins
-   (``hardware=cpu``, ``hardware.compile=off`` for eager, ``default`` for compiled). Schemes this CPU
-   cannot run (fp16, int4, float8) are listed with the reason the framework gives.
+   (``hardware=cpu``, ``hardware.compile=off`` for eager, ``default`` for compiled, and ``default``
+   with ``hardware.cpp_wrapper=true`` for "compiled+cpp": inductor's generated code calls its kernels
+   from C++ instead of Python). Schemes this CPU cannot run (fp16, int4, float8) are listed with the
+   reason the framework gives.
 2. Feeds 32-token inputs (``model.max_length=32``: every input is truncated to exactly 32 tokens)
    and times ``model.forward`` only (tokenisation and JSON are the same for every scheme).
 3. Interleaves the variants in rounds (baseline, a, b, ..., baseline, a, b, ...) so drift and noise
@@ -62,7 +64,8 @@ def inputs(n: int) -> list[str]:
     return [f"{_PHRASES[i % 8]} and {_PHRASES[(i + 3) % 8]} while {_PHRASES[(i + 5) % 8]}" for i in range(n)]
 
 
-def build_variant(scheme: str, compile_mode: str, batch_sizes: list[int], threads: int | None) -> dict:
+def build_variant(scheme: str, compile_mode: str, batch_sizes: list[int], threads: int | None,
+                  cpp_wrapper: bool = False) -> dict:
     """One model instance prepared like a worker would; returns it with its start-up report."""
     model_cls = registry.get("model", "minilm")
     model = model_cls(model_cls.Config(max_length=SEQ_LEN, seq_buckets=[SEQ_LEN]))
@@ -72,7 +75,8 @@ def build_variant(scheme: str, compile_mode: str, batch_sizes: list[int], thread
         qcfg.allow_slow = True  # measure it even where the framework would refuse it as slow
     qcfg.min_quality = None  # report quality, never refuse here
     hw_cls = registry.get("hardware", "cpu")
-    hw = hw_cls(hw_cls.Config(compile=compile_mode, threads=threads, batch_buckets=batch_sizes))
+    hw = hw_cls(hw_cls.Config(compile=compile_mode, threads=threads, batch_buckets=batch_sizes,
+                              cpp_wrapper=cpp_wrapper))
     report = prepare_model(model, quant_cls(qcfg), hw, "cpu", batch_sizes)
     return {"model": model, "report": report}
 
@@ -103,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-mode", default="default", choices=["default", "max-autotune"],
                         help="hardware.compile for the compiled variants (max-autotune: CPU GEMM templates, "
                         "slower to compile)")
+    parser.add_argument("--no-cpp-wrapper", dest="cpp_wrapper", action="store_false",
+                        help="skip the 'compiled+cpp' rows (each compiled scheme again with hardware.cpp_wrapper=true)")
     parser.add_argument("--name", help="result file name under benchmarks/results (default: quantization, "
                         "or quantization_quick with --quick)")
     args = parser.parse_args(argv)
@@ -128,12 +134,16 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skip {scheme}: {problem}", flush=True)
             continue
         # quick: only the candidate is compiled (each minilm compile costs tens of seconds on 2 cores)
-        for compiled in (False,) if args.quick and scheme == "none" else (False, True):
-            key = (scheme, "compiled" if compiled else "eager")
+        modes = ["eager"] if args.quick and scheme == "none" else ["eager", "compiled"]
+        if args.cpp_wrapper and "compiled" in modes and not args.quick:
+            modes.append("compiled+cpp")
+        for mode_name in modes:
+            key = (scheme, mode_name)
             print(f"preparing {scheme} {key[1]} ...", flush=True)
             try:
-                mode = args.compile_mode if compiled else "off"
-                variants[key] = build_variant(scheme, mode, batch_sizes, args.threads)
+                mode = "off" if mode_name == "eager" else args.compile_mode
+                variants[key] = build_variant(scheme, mode, batch_sizes, args.threads,
+                                              cpp_wrapper=mode_name == "compiled+cpp")
             except (QualityGateError, RuntimeError) as exc:
                 refused[f"{scheme} {key[1]}"] = f"{type(exc).__name__}: {exc}"
                 print(f"  failed: {exc}", flush=True)

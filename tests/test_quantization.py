@@ -133,6 +133,25 @@ def test_compiled_and_eager_outputs_agree_and_fill_the_compile_cache(tiny_dir, i
     assert any((isolated_compile_env / "inductor").rglob("*")), "compiled code was not written to the cache"
 
 
+def test_cpp_wrapper_compiles_kernels_called_from_cpp_with_the_same_outputs(tiny_dir, isolated_compile_env):
+    import torch._inductor.config as inductor_config
+
+    eager = resolve(tiny_dir, "quantization=int8_dynamic", "hardware.compile=off", "quantization.allow_slow=true")
+    start(eager, batch_sizes=[1])
+    wrapped = resolve(tiny_dir, "quantization=int8_dynamic", "hardware.compile=default", "hardware.cpp_wrapper=true",
+                      f"hardware.compile_cache_dir={isolated_compile_env}")
+    try:
+        report = start(wrapped, batch_sizes=[1])
+        assert inductor_config.cpp_wrapper is True and report["compile_mode"] == "default"
+        a, b = outputs(eager), outputs(wrapped)
+        assert torch.nn.functional.cosine_similarity(a, b, dim=1).min() > 0.999
+        # the generated wrapper is C++ (the Python wrapper would be a .py module calling the kernels)
+        sources = [p.read_text(errors="replace") for p in (isolated_compile_env / "inductor").rglob("*.cpp")]
+        assert any("inductor_entry" in src or "AOTI" in src or "RAIIAtenTensorHandle" in src for src in sources)
+    finally:
+        inductor_config.cpp_wrapper = False  # process-global: later tests compile the ordinary way
+
+
 # ---------------------------------------------------------------------------------- refusals
 def _problems(tiny_dir, *overrides: str) -> list:
     with pytest.raises(ConfigError) as info:
@@ -150,6 +169,8 @@ def _problems(tiny_dir, *overrides: str) -> list:
     (["quantization=int8_weight_only", "hardware.compile=off"], "quantization", ["slower than fp32", "allow_slow"]),
     (["hardware.compile=sometimes"], "hardware.compile", ["must be one of"]),
     (["hardware.batch_buckets=[4,2]"], "hardware.batch_buckets", ["increasing"]),
+    (["hardware.compile=off", "hardware.cpp_wrapper=true"], "hardware.cpp_wrapper", ["torch.compile",
+                                                                                      "cpp_wrapper=false"]),
 ])
 def test_unsupported_combinations_are_refused_before_start(tiny_dir, overrides, key, needles):
     problems = _problems(tiny_dir, *overrides)

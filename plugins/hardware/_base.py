@@ -41,6 +41,8 @@ class EngineConfig:
     compile: str = "auto"  # off | auto (compile quantized models) | default | max-autotune | reduce-overhead
     compile_dynamic: bool | None = None  # torch.compile(dynamic=...); None: static first, dynamic on change
     cuda_graphs: bool = False  # CUDA graphs through torch.compile (GPU only)
+    cpp_wrapper: bool = False  # inductor calls its kernels from generated C++, not Python (CPU: less per-call
+    #                            overhead at small batches; compiling each graph takes several times longer)
     compile_cache_dir: str | None = "~/.cache/hydraserve/compile"  # persistent inductor cache; None: torch's
     batch_buckets: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])  # pad batches up to these
 
@@ -65,6 +67,9 @@ class EngineConfig:
         if self.cuda_graphs and self.compile == "off":
             out.append(("cuda_graphs", "CUDA graphs are captured through torch.compile; set hardware.compile="
                         "auto or default (or cuda_graphs=false)"))
+        if self.cpp_wrapper and self.compile == "off":
+            out.append(("cpp_wrapper", "the C++ wrapper is part of torch.compile's generated code; set "
+                        "hardware.compile=auto or default (or cpp_wrapper=false)"))
         buckets = list(self.batch_buckets)
         if any(b < 1 for b in buckets) or sorted(set(buckets)) != buckets:
             out.append(("batch_buckets", f"must be strictly increasing positive sizes (e.g. [1, 2, 4, 8]), "
@@ -149,6 +154,9 @@ class EngineHardware(HardwarePlugin):
             torch.set_num_threads(self.config.threads)
         if self.config.compile == "off":
             return  # nothing below matters without torch.compile (and importing dynamo costs seconds)
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp_wrapper = bool(self.config.cpp_wrapper)  # read when a graph is compiled
         if self.config.compile_cache_dir:
             root = Path(self.config.compile_cache_dir).expanduser().resolve()
             (root / "inductor").mkdir(parents=True, exist_ok=True)
@@ -156,8 +164,6 @@ class EngineHardware(HardwarePlugin):
             # finds the kernels and FX graphs of the previous run instead of recompiling them
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(root / "inductor")
             os.environ["TRITON_CACHE_DIR"] = str(root / "triton")
-            import torch._inductor.config as inductor_config
-
             inductor_config.fx_graph_cache = True
             if hasattr(inductor_config, "autotune_local_cache"):
                 inductor_config.autotune_local_cache = True
