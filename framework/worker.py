@@ -102,6 +102,7 @@ class BatchRunner:
             offset += req.n
             self.channel.send(req.reply_to, orjson.dumps({"id": req.id, "out": out},
                                                          option=orjson.OPT_SERIALIZE_NUMPY))
+        sent_ns = time.time_ns()  # the batch span ends here: metrics and logging below are not the batch
         waits = [start_mono - r.arrival for r in batch]
         metrics.observe_batch(len(items), waits, seconds)
         if log.isEnabledFor(logging.DEBUG):
@@ -109,7 +110,7 @@ class BatchRunner:
                       self.batch_counter, len(items), len(batch), phases["padded"], max(waits) * 1000,
                       seconds * 1000)
         if tracing.enabled():
-            self._trace(batch, len(items), phases, start_ns, None)
+            self._trace(batch, len(items), phases, start_ns, None, sent_ns)
         return seconds
 
     def run_streams(self, batch: list[Pending]) -> float:
@@ -138,13 +139,13 @@ class BatchRunner:
             self._trace([req], req.n, None, start_ns, exc)
 
     def _trace(self, batch: list[Pending], size: int, phases: dict | None, start_ns: int,
-               error: Exception | None) -> None:
+               error: Exception | None, end_ns: int | None = None) -> None:
         # The times are already measured, so each request's spans are queued as finished records.
         # Per-request child spans (not span links): each request's trace shows the batch it rode in,
         # and batch.id ties together the requests that shared it.
         if not any(req.carrier for req in batch):  # none of these requests is sampled
             return
-        end_ns = time.time_ns()
+        end_ns = end_ns or time.time_ns()
         attrs = {"batch.size": size, "batch.id": f"{id(self):x}-{self.batch_counter}",
                  "batch.requests": len(batch), **self.labels}
         err = error if error is not None and not isinstance(error, RequestError) else None

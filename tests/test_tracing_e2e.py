@@ -55,6 +55,10 @@ def test_client_trace_continues_across_processes(traced):
     assert WORKER_SPANS <= set(by_name), set(by_name)
     assert by_name["batch"]["parent_span_id"] == server["span_id"]  # crossed the process boundary
     assert by_name["model.forward"]["parent_span_id"] == by_name["batch"]["span_id"]
+    # The worker's spans nest inside the request on the waterfall: the batch ends when its answers
+    # are sent, before the API process answers the client.
+    assert server["start_ns"] <= by_name["queue.wait"]["start_ns"] <= by_name["batch"]["start_ns"]
+    assert by_name["model.forward"]["end_ns"] <= by_name["batch"]["end_ns"] <= server["end_ns"]
     fwd = by_name["model.forward"]["attributes"]
     assert fwd["batch.size"] == 1 and fwd["model"] == "tiny" and fwd["quantization"] == "none"
     assert server["resource"]["hydraserve.model"] == "tiny"
