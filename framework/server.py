@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import multiprocessing as mp
+import os
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -38,7 +39,7 @@ from framework import metrics
 from framework.api import ComposedAPI
 from framework.config import Resolved
 from framework.http import Gateway, error_response, json_response
-from framework.lifecycle import die_with_parent
+from framework.lifecycle import die_with_parent, gc_state
 from framework.transport.fast import FastChannelFactory
 from framework.transport.stock import StockChannelFactory
 
@@ -204,5 +205,6 @@ class HydraServer(ls.LitServer):
             "engine": engine,
             "errors": [v for k, v in reports.items() if k.startswith("error-")],
             "transport": self.resolved.server.transport,
+            "api_process": {"pid": os.getpid(), "gc": gc_state()},
             "uptime_s": round(time.time() - self.started_at, 3),
         }

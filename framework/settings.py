@@ -28,9 +28,15 @@ class ServerConfig:
     log_level: str = "info"
     access_log: bool = False  # one log line per request costs latency; turn on to debug
     startup_timeout_s: float = 600.0
+    gc_freeze: bool = True  # after start-up, move every object to the GC's permanent generation
+    gc_thresholds: list | None = field(default_factory=lambda: [20_000, 50, 100])  # gc.set_threshold; null: Python's
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
+        if self.gc_thresholds is not None and (
+                len(self.gc_thresholds) != 3 or not all(isinstance(v, int) and v > 0 for v in self.gc_thresholds)):
+            out.append(("gc_thresholds", f"must be three positive integers like [20000, 50, 100] (see "
+                        f"gc.set_threshold), or null for Python's defaults; got {self.gc_thresholds}"))
         if self.transport not in TRANSPORTS:
             out.append(("transport", f"must be one of {', '.join(TRANSPORTS)}, got '{self.transport}'"))
         if not 1024 <= self.port <= 65535:

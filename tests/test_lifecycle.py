@@ -73,3 +73,24 @@ def test_no_process_outlives_a_stopped_server(tmp_path, sig):
             assert "Traceback" not in server.log_path.read_text(errors="replace")
     finally:
         server.stop()
+
+
+def test_gc_is_tuned_in_every_serving_process_and_can_be_turned_off(serve):
+    tuned = httpx.get(serve(["model=echo", "cache=none", "tracing=none"]).url + "/info").json()
+    for process in (tuned["api_process"], tuned["engine"][0]):
+        assert process["gc"]["thresholds"] == [20000, 50, 100]
+        assert process["gc"]["frozen_objects"] > 1000  # the app / the model, out of every collection
+    stock = httpx.get(serve(["model=echo", "cache=none", "tracing=none", "server.gc_freeze=false",
+                             "server.gc_thresholds=null"]).url + "/info").json()
+    assert stock["api_process"]["gc"]["frozen_objects"] == 0
+    assert stock["engine"][0]["gc"]["thresholds"] == [700, 10, 10]
+
+
+def test_bad_gc_thresholds_name_the_key():
+    from framework.config import compose, validate
+    from framework.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        validate(compose(["model=echo", "server.gc_thresholds=[1000,0]"]))
+    (problem,) = [p for p in info.value.problems if p.key == "server.gc_thresholds"]
+    assert "three positive integers" in problem.message and "null" in problem.message
