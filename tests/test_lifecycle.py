@@ -19,16 +19,22 @@ import pytest
 from framework.launch import ServerProcess
 
 
+def _stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid, ...); None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    try:  # a zombie waiting for its (dead) parent's reaper counts as gone
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    stat = _stat(pid)  # a zombie waiting for its (dead) parent's reaper counts as gone
+    return stat is not None and stat[0] != "Z"
 
 
 def _port_open(port: int) -> bool:
@@ -41,12 +47,9 @@ def _children_of(pid: int) -> list[int]:
     out = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                        out.append(int(entry))
-            except OSError:
-                continue
+            stat = _stat(int(entry))
+            if stat is not None and int(stat[1]) == pid:
+                out.append(int(entry))
     return out
 
 

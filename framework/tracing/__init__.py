@@ -92,6 +92,7 @@ _NOOP_TRACER: trace.Tracer = trace.NoOpTracer()
 _EMPTY_CONTEXT = Context()
 _new_record = tuple.__new__  # SpanRecord's generated __new__ checks arguments; this path needs none
 _NO_EVENTS: tuple = ()
+_UNSET = ("UNSET", None, _NO_EVENTS)  # (status, description, events) of a span that did not fail
 _ZERO_ID = "0" * 16
 _getrandbits = random.getrandbits
 
@@ -339,10 +340,23 @@ def current() -> SpanRef | None:
 def carrier() -> dict[str, str] | None:
     """The current request's ``traceparent``/``tracestate`` for a queued message; ``None`` when the
     request is not sampled, so the worker records nothing for it."""
+    ref = _sampled_current()
+    return ref.carrier() if ref is not None else None
+
+
+def _error_fields(error: BaseException | str, end_ns: int) -> tuple[str, str, tuple]:
+    """(status, description, events) of a failed span; an exception also becomes the ``exception``
+    event the SDK's ``span.record_exception`` would add."""
+    events = _NO_EVENTS
+    if isinstance(error, BaseException):
+        events = (("exception", end_ns, {"exception.type": type(error).__qualname__,
+                                         "exception.message": str(error)}),)
+    return "ERROR", str(error), events
+
+
+def _sampled_current() -> SpanRef | None:
     ref = _current.get()
-    if ref is None or not ref.sampled:
-        return None
-    return ref.carrier()
+    return ref if ref is not None and ref.sampled else None
 
 
 def record(
@@ -365,12 +379,7 @@ def record(
     if state is None or parent is None or not parent.sampled:
         return None
     span_id = new_span_id()
-    status, description, events = "UNSET", None, _NO_EVENTS
-    if error is not None:
-        status, description = "ERROR", str(error)
-        if isinstance(error, BaseException):  # what the SDK's span.record_exception adds
-            events = (("exception", end_ns, {"exception.type": type(error).__qualname__,
-                                             "exception.message": str(error)}),)
+    status, description, events = _UNSET if error is None else _error_fields(error, end_ns)
     state.add(_new_record(SpanRecord, (
         name, parent.trace_id, span_id, parent.span_id, parent.remote, kind, start_ns, end_ns, attributes,
         status, description, events, parent.trace_state)))
@@ -392,12 +401,7 @@ def record_tree(parent: SpanRef | None, spans: list[tuple]) -> None:
     trace_id, trace_state, add = parent.trace_id, parent.trace_state, state.add
     ids = [bits[i:i + 16] for i in range(0, len(bits), 16)]
     for i, (name, start_ns, end_ns, attributes, parent_index, error) in enumerate(spans):
-        status, description, events = "UNSET", None, _NO_EVENTS
-        if error is not None:
-            status, description = "ERROR", str(error)
-            if isinstance(error, BaseException):
-                events = (("exception", end_ns, {"exception.type": type(error).__qualname__,
-                                                 "exception.message": str(error)}),)
+        status, description, events = _UNSET if error is None else _error_fields(error, end_ns)
         if parent_index < 0:
             parent_id, remote = parent.span_id, parent.remote
         else:
@@ -410,10 +414,8 @@ def record_tree(parent: SpanRef | None, spans: list[tuple]) -> None:
 def message_parent() -> list | None:
     """The current request's span in the compact form a queued message carries, or ``None`` when
     the request is not sampled (the worker then records nothing). Read it with :func:`parent_of_message`."""
-    ref = _current.get()
-    if ref is None or not ref.sampled:
-        return None
-    return [ref.trace_id, ref.span_id, ref.trace_state]
+    ref = _sampled_current()
+    return [ref.trace_id, ref.span_id, ref.trace_state] if ref is not None else None
 
 
 def parent_of_message(value: Any) -> SpanRef | None:

@@ -15,10 +15,10 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 __all__ = ["SpanRecord", "readable_span", "record_dict", "sdk_span_dict"]
 
-# Field order of SpanRecord; a tuple subclass, so building one costs what a tuple costs.
-
-
 class SpanRecord(NamedTuple):
+    """A finished span. A tuple subclass: the request path builds it with ``tuple.__new__`` (the
+    generated ``__new__`` checks arguments), so it costs what a tuple costs."""
+
     name: str
     trace_id: str  # 32 hex digits
     span_id: str  # 16 hex digits
