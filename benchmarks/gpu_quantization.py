@@ -1,7 +1,8 @@
 """Quantization schemes on one NVIDIA GPU: a BERT-base-sized encoder and ResNet-50, random weights.
 
-    python benchmarks/gpu_quantization.py            # both models, all schemes, eager / compiled / + CUDA graphs
-    python benchmarks/gpu_quantization.py --quick    # BERT only; fp32, bf16, int8_dynamic; ~5 minutes on an H100
+    python benchmarks/gpu_quantization.py            # both models, all schemes, compiled / + CUDA graphs
+    python benchmarks/gpu_quantization.py --budget-s 420   # stop starting variants after 7 minutes
+    python benchmarks/gpu_quantization.py --quick    # BERT only; fp32, bf16, int8_dynamic
     python benchmarks/gpu_quantization.py --models bert --schemes bf16 float8_dynamic --modes graphs
 
 Without CUDA it prints why and exits 0 (importable anywhere; torch is imported inside functions).
@@ -38,7 +39,7 @@ from framework import ModelPlugin  # noqa: E402
 
 SCHEMES = ["none", "bf16", "float8_dynamic", "int8_dynamic", "int4_weight_only"]
 QUICK_SCHEMES = ["none", "bf16", "int8_dynamic"]
-MODES = ["eager", "compiled", "graphs"]
+MODES = ["compiled", "graphs"]  # + "eager" on request; fp32 eager is always measured: it is the baseline
 MODELS = ["bert", "resnet50"]
 BATCH_SIZES = [1, 256]
 SEQ_LEN = 128
@@ -233,14 +234,33 @@ def render(rows: list[dict], refused: dict, device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def plan(models: list[str], schemes: list[str], modes: list[str]) -> list[tuple[str, str, str]]:
+    """The variants in the order they run: the ones that say most first, so a time budget cuts the rest.
+
+    BERT before ResNet-50; on ResNet-50 the Linear-only schemes (which change nothing but its
+    skipped ``fc`` layer) come last.
+    """
+    linear_only = {"float8_dynamic", "int8_dynamic", "int4_weight_only", "int8_weight_only"}
+    first, last = [], []
+    for kind in models:
+        for scheme in schemes:
+            for mode in modes:
+                if scheme == "none" and mode == "eager":
+                    continue  # the baseline, measured before anything else
+                (last if kind == "resnet50" and scheme in linear_only else first).append((kind, scheme, mode))
+    return first + last
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="BERT only, fp32 / bf16 / int8_dynamic, 20 iterations")
     parser.add_argument("--models", nargs="*", choices=MODELS)
     parser.add_argument("--schemes", nargs="*", choices=SCHEMES)
-    parser.add_argument("--modes", nargs="*", choices=MODES)
+    parser.add_argument("--modes", nargs="*", choices=["eager", *MODES])
     parser.add_argument("--batch-sizes", nargs="*", type=int)
     parser.add_argument("--iters", type=int)
+    parser.add_argument("--budget-s", type=float, help="start no new variant after this many seconds "
+                        "(the table is rewritten after each variant, so a run cut short still leaves one)")
     args = parser.parse_args(argv)
 
     import torch
@@ -259,40 +279,46 @@ def main(argv: list[str] | None = None) -> int:
     batch_sizes = sorted(args.batch_sizes or BATCH_SIZES)
     iters = args.iters or (20 if args.quick else 100)
     device = f"{torch.cuda.get_device_name(0)} (cc {'.'.join(map(str, torch.cuda.get_device_capability(0)))})"
+    name = "gpu_quantization_quick" if args.quick else "gpu_quantization"
     started = time.perf_counter()
+    rows, refused, raw, bases = [], {}, {}, {}
 
-    rows, refused, raw = [], {}, {}
-    for kind in models:
-        base = run_variant(kind, "none", "eager", batch_sizes, iters)
-        raw[f"{kind} none eager"] = base
-        for scheme in schemes:
-            for mode in modes:
-                name = f"{kind} {scheme} {mode}"
-                if scheme == "none" and mode == "eager":
-                    result = base
-                else:
-                    print(f"{name} ...", flush=True)
-                    try:
-                        result = run_variant(kind, scheme, mode, batch_sizes, iters)
-                    except Exception as exc:  # a refusal or a backend failure is a result, not a crash
-                        refused[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
-                        print(f"  {refused[name]}", flush=True)
-                        continue
-                raw[name] = result
-                quality = result["report"].get("quality") or {}
-                for bs in batch_sizes:
-                    rows.append({"model": kind, "scheme": scheme, "mode": mode, "batch": bs,
-                                 "ms": result["latency_ms"][bs],
-                                 "ratio": result["latency_ms"][bs] / base["latency_ms"][bs],
-                                 "cosine": quality.get("min"),
-                                 "compile_s": result["report"].get("compile_ms", 0.0) / 1000.0})
-    markdown = render(rows, refused, device)
-    print("\n" + markdown)
-    path = write_results("gpu_quantization_quick" if args.quick else "gpu_quantization", markdown,
-                         {"when": datetime.now(timezone.utc).isoformat(), "device": device, "machine": machine(),
-                          "torch": torch.__version__, "iters": iters, "rows": rows, "refused": refused,
-                          "variants": raw, "elapsed_s": round(time.perf_counter() - started, 1)})
-    print(f"wrote {path} (+ .json)")
+    def save() -> None:
+        write_results(name, render(rows, refused, device),
+                      {"when": datetime.now(timezone.utc).isoformat(), "device": device, "machine": machine(),
+                       "torch": torch.__version__, "iters": iters, "rows": rows, "refused": refused,
+                       "variants": raw, "elapsed_s": round(time.perf_counter() - started, 1),
+                       "command": "python benchmarks/gpu_quantization.py " + " ".join(argv or sys.argv[1:])})
+
+    def add_rows(kind: str, scheme: str, mode: str, result: dict) -> None:
+        quality = result["report"].get("quality") or {}
+        for bs in batch_sizes:
+            ms = result["latency_ms"][bs]
+            rows.append({"model": kind, "scheme": scheme, "mode": mode, "batch": bs,
+                         "ms": ms, "ratio": ms / bases[kind]["latency_ms"][bs],
+                         "cosine": quality.get("min"), "compile_s": result["report"].get("compile_ms", 0.0) / 1000.0})
+
+    for kind, scheme, mode in plan(models, schemes, modes):
+        label = f"{kind} {scheme} {mode}"
+        if args.budget_s is not None and time.perf_counter() - started > args.budget_s:
+            refused[label] = f"not run: the time budget ({args.budget_s:.0f} s, --budget-s) was spent"
+            continue
+        if kind not in bases:
+            print(f"{kind} none eager (baseline) ...", flush=True)
+            bases[kind] = raw[f"{kind} none eager"] = run_variant(kind, "none", "eager", batch_sizes, iters)
+            add_rows(kind, "none", "eager", bases[kind])
+        print(f"{label} ...", flush=True)
+        try:
+            raw[label] = run_variant(kind, scheme, mode, batch_sizes, iters)
+        except Exception as exc:  # a refusal or a backend failure is a result, not a crash
+            refused[label] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            print(f"  {refused[label]}", flush=True)
+        else:
+            add_rows(kind, scheme, mode, raw[label])
+        save()
+    save()
+    print("\n" + render(rows, refused, device))
+    print(f"wrote benchmarks/results/{name}.md (+ .json) in {time.perf_counter() - started:.0f} s")
     return 0
 
 
