@@ -24,6 +24,17 @@ GPU_SCHEMES = {"bf16": 0.99, "fp16": 0.99, "int8_weight_only": 0.99, "int8_dynam
                "float8_dynamic": 0.99, "int4_weight_only": 0.95}
 
 
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    """Each test compiles from a clean slate: a CUDA graph tree left mid-warm-up by one test must not
+    trip the next (a server's worker holds one model, so it never switches like this)."""
+    yield
+    torch._dynamo.reset()
+    from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+    reset_cudagraph_trees()
+
+
 @pytest.fixture(scope="module")
 def wide_tiny(tmp_path_factory):
     return TinyModel.build(tmp_path_factory.mktemp("wide"), in_dim=256, hidden=512, out_dim=128)
@@ -34,7 +45,10 @@ def test_each_scheme_quantizes_compiles_and_meets_its_floor_on_cuda(wide_tiny, s
     floor = GPU_SCHEMES[scheme]
     r = validate(compose(["model=tiny", f"model.path={wide_tiny}", "hardware=cuda", f"quantization={scheme}",
                           f"quantization.min_quality={floor}", "hardware.compile=reduce-overhead"]))
-    report = prepare_model(r.model, r.quantization, r.hardware, "cuda", [1, 8])
+    # int8 activations go through torch._int_mm, which needs more than 16 rows: the tiny MLP's rows are
+    # its batch (a text model's are batch x tokens), so its buckets start above 16 here
+    sizes = [32] if scheme == "int8_dynamic" else [1, 8]
+    report = prepare_model(r.model, r.quantization, r.hardware, "cuda", sizes)
     assert report["device"].startswith("cuda") and report["quality_gate"] == "passed"
     assert report["compile_mode"] == "reduce-overhead"  # compiled, with CUDA graphs
     assert report["quality"]["min"] >= floor
@@ -42,6 +56,12 @@ def test_each_scheme_quantizes_compiles_and_meets_its_floor_on_cuda(wide_tiny, s
         assert report["quantization_summary"]["quantized_linears"] == 2
     out = r.model.forward(r.model.preprocess(r.model.calibration_items()))
     assert out.dtype == torch.float32 and out.shape[1] == 128  # callers still see float32
+
+
+def test_int8_dynamic_with_too_few_rows_fails_at_start_up_not_on_a_request(wide_tiny):
+    r = validate(compose(["model=tiny", f"model.path={wide_tiny}", "hardware=cuda", "quantization=int8_dynamic"]))
+    with pytest.raises(RuntimeError, match="batch of 1.*greater than 16"):
+        prepare_model(r.model, r.quantization, r.hardware, "cuda", [1])
 
 
 def _predict(url: str, rows: list[list[float]]) -> torch.Tensor:
