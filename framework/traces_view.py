@@ -14,6 +14,7 @@ Spans of another trace that link to a span shown are listed under it, marked ``~
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from collections import defaultdict
@@ -23,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from framework.tracing.records import SpanRecord, expand_tree, record_dict
 
 SHOWN_ATTRIBUTES = ("http.response.status_code", "batch.size", "cache.result", "error.type")
 
@@ -73,10 +76,12 @@ def resolve_file(path: str | Path) -> Path:
 
 
 def spans_of_line(line: bytes) -> list[dict[str, Any]]:
-    """The spans of one line of a ``tracing=file`` output, each with its ``resource``.
+    """The spans of one line of a ``tracing=file`` output, each a dict with its ``resource``.
 
-    A line is ``{"resource": {...}, "spans": [...]}`` (a chunk of one process's spans); a line that is
-    a single span object is read too. A torn or foreign line gives no spans.
+    A line is a chunk of one process's spans: ``{"resource": {...}, "rows": [...], "trees": [...],
+    "spans": [...]}`` (rows and trees are positional arrays, expanded here; see
+    ``framework/tracing/export.py``). A line that is a single span object is read too. A torn or
+    foreign line, or a malformed entry, gives no spans.
     """
     try:
         obj = orjson.loads(line)
@@ -84,13 +89,19 @@ def spans_of_line(line: bytes) -> list[dict[str, Any]]:
         return []
     if not isinstance(obj, dict):
         return []
-    if isinstance(obj.get("spans"), list):
+    if not any(isinstance(obj.get(k), list) for k in ("rows", "trees", "spans")):
+        chunk = [obj]
+    else:
+        chunk = [s for s in obj.get("spans") or () if isinstance(s, dict)]
+        for row in obj.get("rows") or ():
+            with contextlib.suppress(TypeError, ValueError):
+                chunk.append(record_dict(SpanRecord(*row)))
+        for tree in obj.get("trees") or ():
+            with contextlib.suppress(TypeError, ValueError):
+                chunk += [record_dict(r) for r in expand_tree(*tree)]
         resource = obj.get("resource") or {}
-        chunk = [s for s in obj["spans"] if isinstance(s, dict)]
         for s in chunk:
             s["resource"] = resource
-    else:
-        chunk = [obj]
     return [s for s in chunk if {"trace_id", "span_id", "start_ns", "end_ns"} <= s.keys()]
 
 

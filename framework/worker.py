@@ -10,6 +10,7 @@ request, so one bad request never fails its neighbours.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ class BatchRunner:
         self.channel = channel
         self.labels = labels  # model/quantization/device attributes for spans
         self.batch_counter = 0
+        self.batch_id_prefix = f"{os.getpid():x}-"  # batch.id = worker pid (hex) - batch number
 
     def _compute(self, items: list) -> tuple[list, dict]:
         n = len(items)
@@ -140,27 +142,26 @@ class BatchRunner:
 
     def _trace(self, batch: list[Pending], size: int, phases: dict | None, start_ns: int,
                error: Exception | None, end_ns: int | None = None) -> None:
-        # The times are already measured, so each request's spans are queued as finished records.
+        # The times are already measured, so each request's spans are queued as one finished tree.
         # Per-request child spans (not span links): each request's trace shows the batch it rode in,
-        # and batch.id ties together the requests that shared it.
-        if not any(req.carrier for req in batch):  # none of these requests is sampled
+        # and batch.id ties together the requests that shared it. Everything but queue.wait is the
+        # same for every request of the batch, so those entries are built once and shared (tuples:
+        # nothing can change them before they are exported).
+        sampled = [req for req in batch if req.carrier]
+        if not sampled:
             return
         end_ns = end_ns or time.time_ns()
-        attrs = {"batch.size": size, "batch.id": f"{id(self):x}-{self.batch_counter}",
+        attrs = {"batch.size": size, "batch.id": self.batch_id_prefix + str(self.batch_counter),
                  "batch.requests": len(batch), **self.labels}
         err = error if error is not None and not isinstance(error, RequestError) else None
-        for req in batch:
-            parent = tracing.parent_of_message(req.carrier)
-            if parent is None:  # the API process did not sample this request
-                continue
-            spans = [("batch", start_ns, end_ns, attrs, -1, err)]
-            if phases is not None:
-                (p0, p1), (f0, f1), (q0, q1) = phases["pre"], phases["fwd"], phases["post"]
-                spans += [("preprocess", p0, p1, None, 0, None), ("model.forward", f0, f1, attrs, 0, None),
-                          ("postprocess", q0, q1, None, 0, None)]
-            if req.wall_ns:
-                spans.append(("queue.wait", req.wall_ns, start_ns, None, -1, None))
-            tracing.record_tree(parent, spans)
+        shared: tuple = (("batch", start_ns, end_ns, attrs, -1, err),)
+        if phases is not None:
+            (p0, p1), (f0, f1), (q0, q1) = phases["pre"], phases["fwd"], phases["post"]
+            shared += (("preprocess", p0, p1, None, 0, None), ("model.forward", f0, f1, attrs, 0, None),
+                       ("postprocess", q0, q1, None, 0, None))
+        for req in sampled:
+            spans = shared + (("queue.wait", req.wall_ns, start_ns, None, -1, None),) if req.wall_ns else shared
+            tracing.record_message_tree(req.carrier, spans)
 
 
 def serve_forever(model: ModelPlugin, batching: BatchingPlugin, hardware: HardwarePlugin,

@@ -37,12 +37,12 @@ def _clean_tracing():
 
 
 def read_lines(path: Path) -> list[dict]:
-    """Every span in the file, each with its resource (every line must parse)."""
+    """Every span in the file, each with its resource (every line must parse, as a chunk)."""
     spans = []
     for line in path.read_bytes().splitlines():
         chunk = orjson.loads(line)
-        assert set(chunk) == {"resource", "spans"}
-        spans += [s | {"resource": chunk["resource"]} for s in chunk["spans"]]
+        assert "resource" in chunk and set(chunk) <= {"resource", "schema", "rows", "trees", "spans"}
+        spans += traces_view.spans_of_line(line)
     return spans
 
 
@@ -53,11 +53,11 @@ def make_request_trace(name: str = "POST /predict") -> str:
     tracing.record("cache.lookup", tracing.current(), t0, t0 + 1000, {"cache.result": "miss"})
     message = orjson.loads(orjson.dumps({"input": "hello", "tc": tracing.carrier()}))  # crosses as JSON
     span.end(200)
-    # ... the worker side, from the message alone.
+    # ... the worker side, from the message alone: its spans as one tree, as the worker records them.
     parent = tracing.parse_traceparent(message["tc"])
-    tracing.record("queue.wait", parent, t0 - 2_000_000, t0)
-    batch = tracing.record("batch", parent, t0, t0 + 9000, {"batch.size": 4})
-    tracing.record("model.forward", batch, t0 + 1000, t0 + 5000, {"batch.size": 4, "shape": [4, 8]})
+    tracing.record_tree(parent, [("queue.wait", t0 - 2_000_000, t0, None, -1, None),
+                                 ("batch", t0, t0 + 9000, {"batch.size": 4}, -1, None),
+                                 ("model.forward", t0 + 1000, t0 + 5000, {"batch.size": 4, "shape": [4, 8]}, 1, None)])
     return span.ref.trace_id
 
 
@@ -237,10 +237,32 @@ def test_record_tree_nests_the_worker_spans_under_the_message_parent(tmp_path):
     assert spans["model.forward"]["parent_span_id"] == spans["batch"]["span_id"]
     assert not spans["model.forward"]["parent_remote"]
     assert spans["batch"]["status"] == {"code": "ERROR", "description": "boom"}
+    assert spans["batch"]["events"] == [{"name": "exception", "time_ns": t0 + 10, "attributes": {
+        "exception.type": "RuntimeError", "exception.message": "boom"}}]
+    assert spans["model.forward"]["status"]["code"] == "UNSET" and not spans["model.forward"]["events"]
     assert len({s["span_id"] for s in spans.values()}) == 4
     assert {s["trace_id"] for s in spans.values()} == {root["trace_id"]}
     for bad in (None, [], ["x", "y", None], {"traceparent": "garbage"}, "00-abc"):
         assert tracing.parent_of_message(bad) is None
+
+
+def test_record_message_tree_takes_what_a_queued_message_carries(tmp_path):
+    tracing.init_tracing(TracingConfig(exporter="file"), RESOURCE, str(tmp_path))
+    request = tracing.start_request("POST /predict", {}, {})
+    compact = orjson.loads(orjson.dumps(tracing.message_parent()))
+    as_headers = tracing.carrier()
+    request.end(200)
+    t0 = time.time_ns()
+    tracing.record_message_tree(compact, (("from list", t0, t0 + 5, None, -1, None),))
+    tracing.record_message_tree(as_headers, (("from dict", t0, t0 + 5, None, -1, None),))
+    for garbage in (None, [], ["short", "ids", None], {"traceparent": "garbage"}):
+        tracing.record_message_tree(garbage, (("never", t0, t0 + 5, None, -1, None),))
+    tracing.shutdown()
+    spans = {s["name"]: s for s in read_lines(tmp_path / "traces.jsonl")}
+    assert set(spans) == {"POST /predict", "from list", "from dict"}
+    for name in ("from list", "from dict"):
+        assert spans[name]["trace_id"] == request.ref.trace_id
+        assert spans[name]["parent_span_id"] == request.ref.span_id and spans[name]["parent_remote"]
 
 
 def test_record_follows_the_parent_sampling_and_marks_errors(tmp_path):

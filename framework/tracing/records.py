@@ -1,7 +1,10 @@
-"""A finished span as a plain tuple, and its two export forms: a JSON-lines dict and an SDK span.
+"""Finished spans as plain tuples, and what they become: rows of the file, dicts, SDK spans.
 
-The request path only builds the tuple (a few hundred nanoseconds); turning it into a dict or an
-OpenTelemetry ``ReadableSpan`` happens later, in the exporting thread, a chunk at a time.
+The request path only builds a tuple (a few hundred nanoseconds). A :class:`SpanRecord` is one span;
+a :class:`TreeRecord` is several spans of one trace under one parent (the worker's five spans of a
+request), kept as measured and expanded into spans (:func:`expand_tree`) only where spans are
+needed: by an SDK exporter (OTLP, console) or by a reader of the file. The file stores both as
+positional JSON arrays (see ``export.py``), which orjson writes without any Python code per span.
 """
 
 from __future__ import annotations
@@ -13,7 +16,9 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-__all__ = ["SpanRecord", "readable_span", "record_dict", "sdk_span_dict"]
+__all__ = ["SPAN_FIELDS", "TREE_FIELDS", "TREE_SPAN_FIELDS", "SpanRecord", "TreeRecord", "error_fields",
+           "exception_attributes", "expand_tree", "readable_span", "record_dict", "sdk_span_dict"]
+
 
 class SpanRecord(NamedTuple):
     """A finished span. A tuple subclass: the request path builds it with ``tuple.__new__`` (the
@@ -32,6 +37,69 @@ class SpanRecord(NamedTuple):
     description: str | None
     events: tuple  # ((name, time_ns, attributes), ...)
     trace_state: str | None
+
+
+class TreeRecord(NamedTuple):
+    """Finished spans of one trace under one parent, as measured (one queue entry for all of them).
+
+    ``spans`` holds ``(name, start_ns, end_ns, attributes, parent_index, error)`` entries:
+    ``parent_index`` is an earlier entry's position, or -1 for the parent span itself; ``error`` is
+    ``None``, a description, or the exception (or, read back from a file, its attributes). Span ``i``'s
+    id is ``id_base + i`` (mod 2**64, never 0): one random draw for the whole tree.
+    """
+
+    trace_id: str
+    trace_state: str | None
+    parent_span_id: str
+    parent_remote: bool
+    id_base: int  # a random 64-bit number
+    spans: list | tuple
+
+
+SPAN_FIELDS = SpanRecord._fields
+TREE_FIELDS = TreeRecord._fields
+TREE_SPAN_FIELDS = ("name", "start_ns", "end_ns", "attributes", "parent_index", "error")
+_MASK64 = (1 << 64) - 1
+_NO_EVENTS: tuple = ()
+_UNSET_FIELDS = ("UNSET", None, _NO_EVENTS)
+
+
+def exception_attributes(error: BaseException) -> dict[str, str]:
+    """The attributes of the ``exception`` event the SDK's ``span.record_exception`` would add."""
+    return {"exception.type": type(error).__qualname__, "exception.message": str(error)}
+
+
+def error_fields(error: Any, end_ns: int) -> tuple[str, str | None, tuple]:
+    """(status, description, events) of a span that failed with ``error``: ``None`` (it did not), a
+    description, an exception (which also becomes an ``exception`` event), or such an event's
+    attributes read back from a file."""
+    if error is None:
+        return _UNSET_FIELDS
+    if isinstance(error, BaseException):
+        error = exception_attributes(error)
+    if isinstance(error, dict):
+        return "ERROR", str(error.get("exception.message", "")), (("exception", end_ns, error),)
+    return "ERROR", str(error), _NO_EVENTS
+
+
+def tree_span_id(id_base: int, index: int) -> str:
+    return (((id_base + index) & _MASK64) or 1).to_bytes(8, "big").hex()
+
+
+def expand_tree(trace_id: str, trace_state: str | None, parent_span_id: str, parent_remote: bool, id_base: int,
+                spans: list | tuple) -> list[SpanRecord]:
+    """The spans of a :class:`TreeRecord` (its fields, or the same values read back from a file)."""
+    ids = [tree_span_id(id_base, i) for i in range(len(spans))]
+    out = []
+    for i, (name, start_ns, end_ns, attributes, parent_index, error) in enumerate(spans):
+        status, description, events = error_fields(error, end_ns)
+        if parent_index < 0:
+            parent_id, remote = parent_span_id, parent_remote
+        else:
+            parent_id, remote = ids[parent_index], False
+        out.append(SpanRecord(name, trace_id, ids[i], parent_id, remote, "INTERNAL", start_ns, end_ns, attributes,
+                              status, description, events, trace_state))
+    return out
 
 
 _STATUS_NAMES = {c: c.name for c in trace.StatusCode}
