@@ -8,6 +8,7 @@ HTTP/1.1 on a keep-alive socket with TCP_NODELAY and reads exactly Content-Lengt
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import socket
@@ -96,7 +97,8 @@ def wrk_throughput(url: str, path: str, body: bytes, connections: int = 16, seco
                           url + path], capture_output=True, text=True, timeout=seconds + 30).stdout
     rps = next(float(line.split()[1]) for line in out.splitlines() if line.startswith("Requests/sec"))
     errors = sum(int(p.split()[-1]) for p in out.splitlines() if "Non-2xx" in p)
-    return {"rps": rps, "non_2xx": errors, "connections": connections, "seconds": seconds}
+    requests = next(int(line.split()[0]) for line in out.splitlines() if " requests in " in line)
+    return {"rps": rps, "non_2xx": errors, "requests": requests, "connections": connections, "seconds": seconds}
 
 
 def machine() -> dict:
@@ -111,6 +113,20 @@ def write_results(name: str, markdown: str, data: dict) -> Path:
     path = RESULTS / f"{name}.md"
     path.write_text(markdown)
     return path
+
+
+def session_cpu_seconds(session_id: int) -> float:
+    """CPU seconds (user + system) used so far by the live processes of one session: a server
+    started by ``ServerProcess`` (its API processes, workers and manager). Linux only."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(fields[3]) == session_id:  # fields after "(comm)": state, ppid, pgrp, session, ...
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _busy_jiffies() -> tuple[int, int]:

@@ -8,7 +8,10 @@ round, so a slow minute of a shared machine hits every configuration alike; each
 median over rounds. Each measurement waits until the CPUs are quiet: a server saturated a moment
 ago keeps exporting its queued spans for a while, and that must not be charged to the next one.
 Concurrency 1: p50/p99 from a raw keep-alive socket client. Saturation: requests/s
-at 16 connections from wrk (or, without wrk, 16 asyncio raw-socket clients). `otlp` exports over
+at 16 connections from wrk (or, without wrk, 16 asyncio raw-socket clients), and the server's CPU
+time per request (all its processes, span export included). A second `tracing=none` server
+(`none_again`) is measured like the others, so the table shows how far two identical servers
+differ on this machine. `otlp` exports over
 OTLP/HTTP to a local receiver in its own process that only stores bodies (decoded at the end to
 count spans), so the collector costs next to nothing during the measurement.
 Goals: file throughput >= 0.95x none; file p50 adds <= 0.1 ms.
@@ -29,14 +32,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import latency_run, machine, wait_until_quiet, write_results  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    latency_run,
+    machine,
+    session_cpu_seconds,
+    wait_until_quiet,
+    write_results,
+)
 from framework.launch import ServerProcess  # noqa: E402
 
 BODY = b'{"input": "hello"}'
 COMMON = ["model=echo", "cache=none", "batching=none", "hardware=cpu", "server.log_level=warning"]
+# none_again: a second, identical tracing=none server, measured like the others: how far two equal
+# servers differ on this machine (the noise floor every other ratio must be read against).
 # file_10pct: the same exporter recording 10% of new traces (tracing.sample_ratio), the knob for
 # servers near saturation.
-CONFIGS = ("none", "file", "otlp", "file_10pct")
+CONFIGS = ("none", "none_again", "file", "otlp", "file_10pct")
 CONNECTIONS = 16
 
 
@@ -64,16 +75,24 @@ class Receiver:
 # ------------------------------------------------------------------------------------------- load
 
 
-def throughput(url: str, seconds: float) -> dict:
-    """Requests/s at CONNECTIONS keep-alive connections: wrk when installed, else asyncio sockets."""
+def throughput(server: ServerProcess, seconds: float) -> dict:
+    """Requests/s at CONNECTIONS keep-alive connections (wrk when installed, else asyncio sockets),
+    and the server's CPU time per request: all its processes, until the spans it queued meanwhile
+    are exported (the machine is quiet again). CPU per request is the steadier of the two figures
+    on a shared machine: a slow minute lowers everyone's req/s, but not what a request costs."""
     import shutil
 
+    cpu0 = session_cpu_seconds(server.proc.pid)
     if shutil.which("wrk"):
         from benchmarks._common import wrk_throughput
 
-        r = wrk_throughput(url, "/predict", BODY, connections=CONNECTIONS, seconds=max(int(seconds), 1))
-        return {"rps": r["rps"], "errors": r["non_2xx"], "client": "wrk"}
-    return asyncio.run(_asyncio_throughput(url, seconds)) | {"client": "asyncio"}
+        r = wrk_throughput(server.url, "/predict", BODY, connections=CONNECTIONS, seconds=max(int(seconds), 1))
+        out = {"rps": r["rps"], "errors": r["non_2xx"], "requests": r["requests"], "client": "wrk"}
+    else:
+        out = asyncio.run(_asyncio_throughput(server.url, seconds)) | {"client": "asyncio"}
+    wait_until_quiet()
+    out["cpu_us_per_request"] = (session_cpu_seconds(server.proc.pid) - cpu0) * 1e6 / max(out["requests"], 1)
+    return out
 
 
 async def _asyncio_throughput(url: str, seconds: float) -> dict:
@@ -102,7 +121,7 @@ async def _asyncio_throughput(url: str, seconds: float) -> dict:
 
     t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(CONNECTIONS)))
-    return {"rps": done / (time.perf_counter() - t0), "errors": errors}
+    return {"rps": done / (time.perf_counter() - t0), "errors": errors, "requests": done + errors}
 
 
 # -------------------------------------------------------------------------------------------- run
@@ -111,6 +130,7 @@ async def _asyncio_throughput(url: str, seconds: float) -> dict:
 def start_all(receiver: Receiver) -> dict[str, ServerProcess]:
     overrides = {
         "none": ["tracing=none"],
+        "none_again": ["tracing=none"],
         "file": ["tracing=file"],
         "otlp": ["tracing=otlp", f"tracing.endpoint={receiver.endpoint}"],
         "file_10pct": ["tracing=file", "tracing.sample_ratio=0.1"],
@@ -169,10 +189,11 @@ def main() -> int:
                     wait_until_quiet()  # the previous server's span backlog is exported before we measure
                     url = servers[name].url
                     lat = latency_run(url, "/predict", BODY, n, warmup=100 if args.quick else 300)
-                    thr = throughput(url, seconds)
+                    thr = throughput(servers[name], seconds)
                     samples[name].append({**lat, **thr})
-                    print(f"round {r + 1}/{rounds} {name:<5} p50 {lat['p50_ms']:.3f} ms  "
-                          f"p99 {lat['p99_ms']:.3f} ms  {thr['rps']:.0f} req/s ({thr['client']})", flush=True)
+                    print(f"round {r + 1}/{rounds} {name:<10} p50 {lat['p50_ms']:.3f} ms  "
+                          f"p99 {lat['p99_ms']:.3f} ms  {thr['rps']:.0f} req/s ({thr['client']})  "
+                          f"{thr['cpu_us_per_request']:.0f} CPU µs/request", flush=True)
             time.sleep(1.0)  # the last spans leave within tracing.flush_interval_ms (500)
         # Servers stopped (their exit flushes what was left); now count what arrived.
         file_spans = count_spans(servers["file"].output_dir)
@@ -180,7 +201,7 @@ def main() -> int:
     finally:
         otlp_spans = receiver.stop()
     return report(args, samples, rounds, n, seconds,
-                  {"file": file_spans, "otlp": otlp_spans, "none": 0, "file_10pct": sampled_spans})
+                  {"file": file_spans, "otlp": otlp_spans, "none": 0, "none_again": 0, "file_10pct": sampled_spans})
 
 
 def report(args, samples: dict[str, list[dict]], rounds: int, n: int, seconds: int, spans: dict) -> int:
@@ -197,6 +218,8 @@ def report(args, samples: dict[str, list[dict]], rounds: int, n: int, seconds: i
                      "rps": med(name, "rps"), "errors": sum(s["errors"] for s in samples[name]),
                      "rps_ratio": paired(name, "rps", lambda a, b: a / b),
                      "p50_added_ms": paired(name, "p50_ms", lambda a, b: a - b),
+                     "cpu_us": med(name, "cpu_us_per_request"),
+                     "cpu_ratio": paired(name, "cpu_us_per_request", lambda a, b: a / b),
                      "spans": spans.get(name)})
     client = samples["none"][0]["client"]
     lines = [
@@ -208,22 +231,29 @@ def report(args, samples: dict[str, list[dict]], rounds: int, n: int, seconds: i
         f"connections for {seconds} s per round ({client}). Medians of {rounds} interleaved round(s) "
         "in rotated order; the servers run side by side, and each measurement starts once the machine is "
         "quiet again (the previous server has exported its span backlog). `req/s / none` and `p50 added` "
-        "are medians of per-round comparisons with the same round's `none`.", "",
-        "| tracing | p50 ms | p99 ms | p50 added ms | req/s @16 | req/s / none | non-2xx | spans exported |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "are medians of per-round comparisons with the same round's `none`. `CPU µs/req` is the "
+        "server's CPU time (all its processes, span export included) per request at saturation. "
+        "`none_again` is a second `tracing=none` server: its ratios show this machine's noise floor.", "",
+        "| tracing | p50 ms | p99 ms | p50 added ms | req/s @16 | req/s / none | CPU µs/req | CPU / none "
+        "| non-2xx | spans exported |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         spans_cell = "-" if r["spans"] is None else str(r["spans"])
         lines.append(f"| {r['tracing']} | {r['p50_ms']:.3f} | {r['p99_ms']:.3f} | {r['p50_added_ms']:+.3f} "
-                     f"| {r['rps']:.0f} | {r['rps_ratio']:.3f}x | {r['errors']} | {spans_cell} |")
-    file_row = rows[1]
+                     f"| {r['rps']:.0f} | {r['rps_ratio']:.3f}x | {r['cpu_us']:.0f} | {r['cpu_ratio']:.3f}x "
+                     f"| {r['errors']} | {spans_cell} |")
+    file_row = next(r for r in rows if r["tracing"] == "file")
+    floor = next(r for r in rows if r["tracing"] == "none_again")
     thr_ok = file_row["rps_ratio"] >= 0.95
     p50_ok = file_row["p50_added_ms"] <= 0.1
     lines += [
         "",
         f"Goals (tracing=file): throughput >= 0.95x none: **{file_row['rps_ratio']:.3f}x "
         f"({'met' if thr_ok else 'not met'})**; p50 added <= 0.1 ms: **{file_row['p50_added_ms']:+.3f} ms "
-        f"({'met' if p50_ok else 'not met'})**.",
+        f"({'met' if p50_ok else 'not met'})**. Noise floor (`none_again` vs `none`): throughput "
+        f"{floor['rps_ratio']:.3f}x, p50 {floor['p50_added_ms']:+.3f} ms, CPU per request {floor['cpu_ratio']:.3f}x; "
+        f"`file` costs {file_row['cpu_ratio']:.3f}x the CPU per request of `none`.",
         "",
         "Spans exported counts what reached the file / the collector (every request makes a server span "
         "and the worker's spans), so a configuration that silently exported nothing would show here.",
