@@ -80,6 +80,7 @@ class Gateway:
         self._ids = itertools.count()
         self._prefix = f"{os.getpid():x}-"
         self.scope = ""
+        self._span_flusher: asyncio.Task | None = None
 
     # --- lifecycle (inside the API process) -------------------------------------------------
     async def start(self, consumer_id: int) -> None:
@@ -89,6 +90,8 @@ class Gateway:
         die_with_parent()  # this API process must not keep serving the port after the server is gone
         tracing.init_tracing(self.r.tracing, resource_attributes(self.r), self.output_dir)
         self.tracing_on = tracing.enabled()
+        if self.tracing_on:
+            self._span_flusher = asyncio.get_running_loop().create_task(self._flush_spans_periodically())
         self.cache_on = self.cache.enabled
         self.cache_blocks = bool(getattr(self.cache, "lookup_may_block", False))
         self.streams = self.model.streaming()
@@ -99,7 +102,18 @@ class Gateway:
         await self.channel.start(self._on_message)
         tune_gc(self.server.gc_freeze, self.server.gc_thresholds)  # start-up is done in this process
 
+    @staticmethod
+    async def _flush_spans_periodically() -> None:
+        # The file exporter writes from the thread that records spans (no thread of its own): under
+        # light traffic this timer on the event loop writes the spans a full chunk would have.
+        interval = tracing.flush_interval_s() or 0.5
+        while True:
+            await asyncio.sleep(interval / 2)
+            tracing.flush_if_due()
+
     async def stop(self) -> None:
+        if self._span_flusher is not None:
+            self._span_flusher.cancel()
         for reply in self.inflight.values():
             reply.deliver({"err": {"status": 503, "error": "server is shutting down"}})
         if self.channel is not None:

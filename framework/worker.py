@@ -181,7 +181,11 @@ def serve_forever(model: ModelPlugin, batching: BatchingPlugin, hardware: Hardwa
 
     while True:
         if not pending:
-            admit(channel.recv(_IDLE_WAIT_S))
+            # Idle: the moment to write out queued spans (the file exporter has no thread), and no
+            # longer a wait than they may be kept.
+            tracing.flush_if_due()
+            due = tracing.seconds_until_flush()
+            admit(channel.recv(_IDLE_WAIT_S if due is None else min(_IDLE_WAIT_S, due)))
             continue
         now = time.monotonic()
         # Expired work is never computed: its client already got a 504.
@@ -208,5 +212,6 @@ def serve_forever(model: ModelPlugin, batching: BatchingPlugin, hardware: Hardwa
         pending_items -= taken
         seconds = runner.run_streams(batch) if streaming else runner.run(batch)
         batching.record(taken, seconds)
+        tracing.flush_if_due()  # a worker that is never idle still writes its spans on time
         # Whatever arrived while the batch ran joins the queue before the next decision.
         admit(channel.recv(0))

@@ -146,6 +146,36 @@ def test_otlp_exporter_sends_the_same_trace_to_a_collector(receiver, protocol):
     assert by_name["model.forward"]["resource"]["model"] == "echo"
 
 
+def test_file_exporter_writes_inline_without_a_thread(tmp_path):
+    import threading
+
+    before = threading.active_count()
+    tracing.init_tracing(TracingConfig(exporter="file", flush_interval_ms=50), RESOURCE, str(tmp_path))
+    assert threading.active_count() == before  # no exporting thread: the recording thread writes
+    path = tmp_path / "traces.jsonl"
+    tracing.start_request("light traffic", None, {}).end(200)
+    tracing.flush_if_due()
+    assert not path.exists() or not read_lines(path)  # not due yet: kept for a chunk
+    assert 0 < tracing.seconds_until_flush() <= 0.05
+    time.sleep(0.06)
+    tracing.flush_if_due()  # what the API process's timer and an idle worker call
+    assert [s["name"] for s in read_lines(path)] == ["light traffic"]
+    assert tracing.seconds_until_flush() is None  # nothing queued, no deadline
+    from framework.tracing.export import CHUNK
+
+    for _ in range(CHUNK):  # a full chunk is written by the call that fills it
+        tracing.start_request("busy", None, {}).end(200)
+    assert [s["name"] for s in read_lines(path)].count("busy") == CHUNK
+
+
+def test_network_exporters_keep_a_thread_so_requests_never_wait_on_the_network():
+    import threading
+
+    before = threading.active_count()
+    tracing.init_tracing(TracingConfig(exporter="console"), RESOURCE, None)
+    assert threading.active_count() == before + 1
+
+
 def test_console_exporter_prints_spans(capsys):
     tracing.init_tracing(TracingConfig(exporter="console"), RESOURCE, None)
     tracing.start_request("printed", None, {}).end(200)

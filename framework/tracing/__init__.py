@@ -73,6 +73,8 @@ __all__ = [
     "current",
     "enabled",
     "extract_context",
+    "flush_if_due",
+    "flush_interval_s",
     "force_flush",
     "init_tracing",
     "message_parent",
@@ -82,6 +84,7 @@ __all__ = [
     "record_message_tree",
     "record_tree",
     "resolve_path",
+    "seconds_until_flush",
     "shutdown",
     "start_request",
     "tracer",
@@ -209,8 +212,10 @@ def init_tracing(
             return
         ratio = float(_get(cfg, "sample_ratio", 1.0))
         resource = _resource(cfg, resource_attributes)
-        recorder = Recorder(_make_sink(cfg, output_dir, resource), int(_get(cfg, "max_queue_size", 8192)),
-                            float(_get(cfg, "flush_interval_ms", 500)) / 1000.0)
+        sink = _make_sink(cfg, output_dir, resource)
+        recorder = Recorder(sink, int(_get(cfg, "max_queue_size", 8192)),
+                            float(_get(cfg, "flush_interval_ms", 500)) / 1000.0,
+                            inline=isinstance(sink, JsonLinesSpanExporter))
         provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)), resource=resource,
                                   shutdown_on_exit=False)  # our exit hook also covers multiprocessing children
         provider.add_span_processor(RecorderProcessor(recorder))
@@ -261,6 +266,29 @@ def force_flush() -> None:
     state = _state
     if state is not None:
         state.recorder.flush()
+
+
+def flush_if_due() -> None:
+    """Export queued spans if ``tracing.flush_interval_ms`` has passed since the last export.
+
+    A process's main loop calls this when it has a moment (the API process on a timer of its event
+    loop, a worker before it waits for work): the file exporter has no thread of its own.
+    """
+    state = _state
+    if state is not None:
+        state.recorder.flush_if_due()
+
+
+def seconds_until_flush() -> float | None:
+    """How long this process may wait before calling :func:`flush_if_due`; ``None``: no deadline."""
+    state = _state
+    return state.recorder.seconds_until_due() if state is not None else None
+
+
+def flush_interval_s() -> float | None:
+    """``tracing.flush_interval_ms`` in seconds, or ``None`` when tracing is off in this process."""
+    state = _state
+    return state.recorder.flush_interval_s if state is not None else None
 
 
 def enabled() -> bool:
