@@ -172,8 +172,12 @@ def test_network_exporters_keep_a_thread_so_requests_never_wait_on_the_network()
     import threading
 
     before = threading.active_count()
-    tracing.init_tracing(TracingConfig(exporter="console"), RESOURCE, None)
+    tracing.init_tracing(TracingConfig(exporter="console", flush_interval_ms=60_000), RESOURCE, None)
     assert threading.active_count() == before + 1
+    tracing.start_request("queued", None, {}).end(200)
+    tracing._state.recorder._due = 0.0  # overdue, yet the caller's thread must not export
+    tracing.flush_if_due()
+    assert len(tracing._state.recorder._queue) == 1 and tracing.seconds_until_flush() is None
 
 
 def test_console_exporter_prints_spans(capsys):

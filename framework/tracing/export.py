@@ -207,14 +207,17 @@ class Recorder:
                 self._wake.set()
 
     def seconds_until_due(self) -> float | None:
-        """How long queued spans may still wait (0: now); ``None`` when nothing is queued."""
-        if not self._queue:
+        """How long queued spans may still wait (0: now); ``None`` when nothing is queued, or when
+        the exporting thread keeps the time (threaded mode)."""
+        if not self.inline or not self._queue:
             return None
         return max(0.0, self._due - time.monotonic())
 
     def flush_if_due(self) -> None:
-        """Export the queue if ``flush_interval_ms`` has passed since the last export (cheap otherwise)."""
-        if self._queue and time.monotonic() >= self._due:
+        """Inline mode: export the queue if ``flush_interval_ms`` has passed since the last export
+        (cheap otherwise). Threaded mode: nothing; a network export must never run on the caller's
+        thread (the API process calls this on its event loop)."""
+        if self.inline and self._queue and time.monotonic() >= self._due:
             self.flush()
 
     def _run(self) -> None:
