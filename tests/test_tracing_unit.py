@@ -584,3 +584,36 @@ def test_traces_view_reads_what_the_file_exporter_writes(tmp_path, capsys):
     assert traces_view.main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert trace_id in out and "model.forward" in out and "1 requests" in out
+
+
+def test_fastapi_builtin_instrumentation_is_off_in_the_server():
+    # FastAPI instruments every request itself once an OpenTelemetry provider is configured (and
+    # checks for one on every request); hydraserve's own spans replace it.
+    import asyncio
+
+    import httpx
+    from fastapi import FastAPI
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from framework.server import skip_fastapi_telemetry
+
+    def spans_for_one_request(skip: bool) -> int:
+        exporter = InMemorySpanExporter()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        app = FastAPI(telemetry={"tracer_provider": provider})
+        app.get("/ping")(lambda: {"ok": True})
+        if skip:
+            skip_fastapi_telemetry(app)
+
+        async def call() -> int:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+                return (await client.get("/ping")).status_code
+
+        assert asyncio.run(call()) == 200
+        return len(exporter.get_finished_spans())
+
+    assert spans_for_one_request(skip=False) >= 1  # the control: FastAPI would trace on its own
+    assert spans_for_one_request(skip=True) == 0
