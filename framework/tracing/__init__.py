@@ -62,7 +62,7 @@ from framework.tracing.context import (
     ratio_sampled,
 )
 from framework.tracing.export import JsonLinesSpanExporter, Recorder, RecorderProcessor, SdkSink
-from framework.tracing.records import SpanRecord, TreeRecord, error_fields
+from framework.tracing.records import NO_EVENTS, SpanRecord, TreeRecord, error_fields
 
 __all__ = [
     "JsonLinesSpanExporter",
@@ -96,7 +96,6 @@ TRACER_NAME = "hydraserve"
 _NOOP_TRACER: trace.Tracer = trace.NoOpTracer()
 _EMPTY_CONTEXT = Context()
 _new_record = tuple.__new__  # SpanRecord's generated __new__ checks arguments; this path needs none
-_NO_EVENTS: tuple = ()
 _getrandbits = random.getrandbits
 
 
@@ -336,7 +335,7 @@ class RequestSpan:
         ref, parent = self.ref, self.parent
         state.add(_new_record(SpanRecord, (
             self.name, ref.trace_id, ref.span_id, parent.span_id if parent is not None else None,
-            parent is not None, "SERVER", self.start_ns, time.time_ns(), attrs, status, None, _NO_EVENTS,
+            parent is not None, "SERVER", self.start_ns, time.time_ns(), attrs, status, None, NO_EVENTS,
             ref.trace_state)))
 
 
@@ -428,9 +427,9 @@ def record_message_tree(carried: Any, spans: list | tuple) -> None:
     state = _state
     if state is None or not carried:
         return
-    if type(carried) is list and len(carried) == 3:
-        trace_id, span_id, trace_state = carried
-        if type(trace_id) is str and type(span_id) is str and len(trace_id) == 32 and len(span_id) == 16:
+    if isinstance(carried, list) and len(carried) == 3:
+        if _is_compact_parent(carried):
+            trace_id, span_id, trace_state = carried
             state.add(_new_record(TreeRecord, (trace_id, trace_state, span_id, True, _getrandbits(64), spans)))
         return
     record_tree(parent_of_message(carried), spans)
@@ -449,11 +448,17 @@ def parent_of_message(value: Any) -> SpanRef | None:
     if not value:
         return None
     if isinstance(value, list) and len(value) == 3:
-        trace_id, span_id, trace_state = value
-        if isinstance(trace_id, str) and isinstance(span_id, str) and len(trace_id) == 32 and len(span_id) == 16:
+        if _is_compact_parent(value):
+            trace_id, span_id, trace_state = value
             return SpanRef(trace_id, span_id, True, trace_state, True)
         return None
     return parse_traceparent(value) if isinstance(value, Mapping) else None
+
+
+def _is_compact_parent(value: list) -> bool:
+    """Whether a three-item list is ``message_parent``'s ``[trace_id, span_id, tracestate]``."""
+    trace_id, span_id, _ = value
+    return isinstance(trace_id, str) and isinstance(span_id, str) and len(trace_id) == 32 and len(span_id) == 16
 
 
 # ------------------------------------------------------------------------------------- SDK interoperation

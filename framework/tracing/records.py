@@ -16,7 +16,7 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-__all__ = ["SPAN_FIELDS", "TREE_FIELDS", "TREE_SPAN_FIELDS", "SpanRecord", "TreeRecord", "error_fields",
+__all__ = ["NO_EVENTS", "SPAN_FIELDS", "TREE_FIELDS", "TREE_SPAN_FIELDS", "SpanRecord", "TreeRecord", "error_fields",
            "exception_attributes", "expand_tree", "readable_span", "record_dict", "sdk_span_dict"]
 
 
@@ -60,8 +60,8 @@ SPAN_FIELDS = SpanRecord._fields
 TREE_FIELDS = TreeRecord._fields
 TREE_SPAN_FIELDS = ("name", "start_ns", "end_ns", "attributes", "parent_index", "error")
 _MASK64 = (1 << 64) - 1
-_NO_EVENTS: tuple = ()
-_UNSET_FIELDS = ("UNSET", None, _NO_EVENTS)
+NO_EVENTS: tuple = ()  # the events of a span that has none (shared: tuples cannot change)
+_UNSET_FIELDS = ("UNSET", None, NO_EVENTS)
 
 
 def exception_attributes(error: BaseException) -> dict[str, str]:
@@ -79,7 +79,7 @@ def error_fields(error: Any, end_ns: int) -> tuple[str, str | None, tuple]:
         error = exception_attributes(error)
     if isinstance(error, dict):
         return "ERROR", str(error.get("exception.message", "")), (("exception", end_ns, error),)
-    return "ERROR", str(error), _NO_EVENTS
+    return "ERROR", str(error), NO_EVENTS
 
 
 def tree_span_id(id_base: int, index: int) -> str:
@@ -105,7 +105,6 @@ def expand_tree(trace_id: str, trace_state: str | None, parent_span_id: str, par
 _STATUS_NAMES = {c: c.name for c in trace.StatusCode}
 _KIND_NAMES = {k: k.name for k in trace.SpanKind}
 _EMPTY: dict = {}
-_NONE: tuple = ()
 _UNSET = {"code": "UNSET", "description": None}
 
 
@@ -122,7 +121,7 @@ def record_dict(r: SpanRecord) -> dict[str, Any]:
         "end_ns": r.end_ns,
         "attributes": r.attributes or _EMPTY,
         "status": {"code": r.status, "description": r.description} if r.status != "UNSET" else _UNSET,
-        "events": [{"name": n, "time_ns": t, "attributes": a} for n, t, a in r.events] if r.events else _NONE,
+        "events": [{"name": n, "time_ns": t, "attributes": a} for n, t, a in r.events] if r.events else NO_EVENTS,
     }
 
 
