@@ -16,6 +16,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -127,6 +128,26 @@ def session_cpu_seconds(session_id: int) -> float:
         if int(fields[3]) == session_id:  # fields after "(comm)": state, ppid, pgrp, session, ...
             ticks += int(fields[11]) + int(fields[12])  # utime, stime
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_request(session_id: int, load: Callable[[], dict]) -> dict:
+    """Run ``load`` (which returns a dict with ``requests``, the requests served) against the server
+    whose processes form session ``session_id`` and add ``cpu_us_per_request``: the CPU time those
+    processes used until the machine is quiet again (work the server still owes afterwards, such as
+    queued spans, is its cost too), per request. Steadier than requests/s on a shared machine: a
+    slow minute lowers everyone's requests/s, not what a request costs."""
+    before = session_cpu_seconds(session_id)
+    out = load()
+    wait_until_quiet()
+    out["cpu_us_per_request"] = (session_cpu_seconds(session_id) - before) * 1e6 / max(out["requests"], 1)
+    return out
+
+
+def rotated(names: Sequence[str], round_index: int) -> list[str]:
+    """``names`` starting at a different one each round: no configuration always follows the same
+    neighbour (whose leftovers, a warm cache or a busy exporter, would always be charged to it)."""
+    k = round_index % len(names)
+    return [*names[k:], *names[:k]]
 
 
 def _busy_jiffies() -> tuple[int, int]:

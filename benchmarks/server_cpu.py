@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import session_cpu_seconds, wait_until_quiet, wrk_throughput  # noqa: E402
+from benchmarks._common import cpu_per_request, rotated, wait_until_quiet, wrk_throughput  # noqa: E402
 from framework.launch import ServerProcess  # noqa: E402
 
 COMMON = ["model=echo", "cache=none", "batching=none", "hardware=cpu", "server.log_level=warning"]
@@ -54,13 +54,12 @@ def main() -> int:
             s.start()
         names = list(servers)
         for r in range(args.rounds):
-            for name in names[r % len(names):] + names[:r % len(names)]:  # rotated: no fixed neighbour
+            for name in rotated(names, r):
                 server = servers[name]
                 wait_until_quiet()
-                before = session_cpu_seconds(server.proc.pid)
-                load = wrk_throughput(server.url, "/predict", BODY, connections=16, seconds=args.seconds)
-                wait_until_quiet()  # work the server still owes (queued spans, say) is its cost too
-                cpu[name].append((session_cpu_seconds(server.proc.pid) - before) * 1e6 / max(load["requests"], 1))
+                result = cpu_per_request(server.proc.pid, lambda s=server: wrk_throughput(
+                    s.url, "/predict", BODY, connections=16, seconds=args.seconds))
+                cpu[name].append(result["cpu_us_per_request"])
             print(f"round {r + 1}/{args.rounds}: " + "  ".join(f"{n} {cpu[n][-1]:.0f}" for n in names), flush=True)
     finally:
         for s in servers.values():

@@ -33,9 +33,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import (  # noqa: E402
+    cpu_per_request,
     latency_run,
     machine,
-    session_cpu_seconds,
+    rotated,
     wait_until_quiet,
     write_results,
 )
@@ -77,22 +78,18 @@ class Receiver:
 
 def throughput(server: ServerProcess, seconds: float) -> dict:
     """Requests/s at CONNECTIONS keep-alive connections (wrk when installed, else asyncio sockets),
-    and the server's CPU time per request: all its processes, until the spans it queued meanwhile
-    are exported (the machine is quiet again). CPU per request is the steadier of the two figures
-    on a shared machine: a slow minute lowers everyone's req/s, but not what a request costs."""
+    and the server's CPU time per request (``cpu_per_request``)."""
     import shutil
 
-    cpu0 = session_cpu_seconds(server.proc.pid)
-    if shutil.which("wrk"):
-        from benchmarks._common import wrk_throughput
+    def load() -> dict:
+        if shutil.which("wrk"):
+            from benchmarks._common import wrk_throughput
 
-        r = wrk_throughput(server.url, "/predict", BODY, connections=CONNECTIONS, seconds=max(int(seconds), 1))
-        out = {"rps": r["rps"], "errors": r["non_2xx"], "requests": r["requests"], "client": "wrk"}
-    else:
-        out = asyncio.run(_asyncio_throughput(server.url, seconds)) | {"client": "asyncio"}
-    wait_until_quiet()
-    out["cpu_us_per_request"] = (session_cpu_seconds(server.proc.pid) - cpu0) * 1e6 / max(out["requests"], 1)
-    return out
+            r = wrk_throughput(server.url, "/predict", BODY, connections=CONNECTIONS, seconds=max(int(seconds), 1))
+            return {"rps": r["rps"], "errors": r["non_2xx"], "requests": r["requests"], "client": "wrk"}
+        return asyncio.run(_asyncio_throughput(server.url, seconds)) | {"client": "asyncio"}
+
+    return cpu_per_request(server.proc.pid, load)
 
 
 async def _asyncio_throughput(url: str, seconds: float) -> dict:
@@ -184,8 +181,7 @@ def main() -> int:
                 stack.callback(s.stop)
             print(f"{len(servers)} servers up in {time.perf_counter() - t0:.1f} s", flush=True)
             for r in range(rounds):
-                # Rotated order: no configuration always follows the same neighbour.
-                for name in CONFIGS[r % len(CONFIGS):] + CONFIGS[:r % len(CONFIGS)]:
+                for name in rotated(CONFIGS, r):
                     wait_until_quiet()  # the previous server's span backlog is exported before we measure
                     url = servers[name].url
                     lat = latency_run(url, "/predict", BODY, n, warmup=100 if args.quick else 300)
