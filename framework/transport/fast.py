@@ -122,8 +122,12 @@ class FastApiChannel(ApiChannel):
         self._on_message(orjson.dumps({"dead": worker}))
 
     def pick_worker(self) -> int | None:
+        if self.num_workers == 1 and self._conns[0] is not None:  # the common case, once per request
+            return 0
         now = time.monotonic()
-        any_connected = any(c is not None for c in self._conns)
+        # Not any(genexpr): a generator left unfinished is closed by throwing GeneratorExit into it,
+        # which costs more than the whole check (this runs for every request).
+        any_connected = self._conns.count(None) < len(self._conns)
         for worker, conn in enumerate(self._conns):
             # Reconnect lazily (a restarted worker); at once when no worker is reachable at all.
             if conn is None and (not any_connected or now - self._last_attempt[worker] > _RECONNECT_EVERY_S):
