@@ -18,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -175,3 +176,25 @@ def wait_until_quiet(busy_below: float = 0.1, window_s: float = 0.5, max_wait_s:
         if total1 > total0 and (busy1 - busy0) / (total1 - total0) < busy_below:
             break
     return time.perf_counter() - start
+
+
+class Variant(NamedTuple):
+    name: str
+    overrides: list[str]
+    env: dict[str, str]
+    code_root: str | None  # another checkout's framework, or None for this one
+
+
+def parse_variant(text: str) -> Variant:
+    """``NAME=override,override,...``; ``ENV:KEY=VALUE`` parts set an environment variable of that
+    server and ``CODE:/path`` runs the framework of another checkout (an A/B of two commits)."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name:
+        raise SystemExit(f"{text!r}: expected NAME=override,override,... (e.g. file=tracing=file)")
+    parts = [p for p in rest.split(",") if p]
+    overrides = [p for p in parts if not p.startswith(("ENV:", "CODE:"))]
+    env = dict(p[4:].split("=", 1) for p in parts if p.startswith("ENV:"))
+    roots = [p[5:] for p in parts if p.startswith("CODE:")]
+    if roots and not (Path(roots[-1]) / "framework").is_dir():
+        raise SystemExit(f"{text!r}: CODE:{roots[-1]} has no framework/ folder")
+    return Variant(name, overrides, env, roots[-1] if roots else None)

@@ -3,9 +3,11 @@
     python benchmarks/server_cpu.py none=tracing=none file=tracing=file
     python benchmarks/server_cpu.py --rounds 12 a=tracing=file b=tracing=file,tracing.sample_ratio=0.1
     python benchmarks/server_cpu.py off=tracing=file on=tracing=file,ENV:MY_FLAG=1   # env vars too
+    python benchmarks/server_cpu.py old=tracing=file,CODE:/tmp/old new=tracing=file  # another checkout
 
 Each argument is ``NAME=override,override,...`` (``ENV:KEY=VALUE`` sets an environment variable of
-that server). Every server serves ``model=echo`` side by side; each round saturates each of them in
+that server; ``CODE:/path`` runs the framework of another checkout, e.g. ``git worktree add /tmp/old
+main``). Every server serves ``model=echo`` side by side; each round saturates each of them in
 turn with wrk (16 connections) and reads the CPU time all its processes used until the machine is
 quiet again, divided by the requests served. CPU per request is steadier than requests/s on a
 shared machine (a slow minute lowers everyone's req/s, not what a request costs), but this VM still
@@ -23,21 +25,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import cpu_per_request, rotated, wait_until_quiet, wrk_throughput  # noqa: E402
+from benchmarks._common import cpu_per_request, parse_variant, rotated, wait_until_quiet, wrk_throughput  # noqa: E402
 from framework.launch import ServerProcess  # noqa: E402
 
 COMMON = ["model=echo", "cache=none", "batching=none", "hardware=cpu", "server.log_level=warning"]
 BODY = b'{"input": "hello"}'
-
-
-def parse_variant(text: str) -> tuple[str, list[str], dict[str, str]]:
-    name, sep, rest = text.partition("=")
-    if not sep or not name:
-        raise SystemExit(f"{text!r}: expected NAME=override,override,... (e.g. file=tracing=file)")
-    parts = [p for p in rest.split(",") if p]
-    overrides = [p for p in parts if not p.startswith("ENV:")]
-    env = dict(p[4:].split("=", 1) for p in parts if p.startswith("ENV:"))
-    return name, overrides, env
 
 
 def main() -> int:
@@ -47,7 +39,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=int, default=3, help="per server per round")
     args = parser.parse_args()
     variants = [parse_variant(v) for v in args.variants]
-    servers = {name: ServerProcess([*COMMON, *ov], env=env, startup_timeout=600) for name, ov, env in variants}
+    servers = {v.name: ServerProcess([*COMMON, *v.overrides], env=v.env, code_root=v.code_root, startup_timeout=600)
+               for v in variants}
     cpu: dict[str, list[float]] = {name: [] for name in servers}
     try:
         for s in servers.values():
@@ -64,7 +57,7 @@ def main() -> int:
     finally:
         for s in servers.values():
             s.stop()
-    base = variants[0][0]
+    base = variants[0].name
     print(f"\n| variant | CPU µs/request (median of {args.rounds}) | vs {base} (median of per-round ratios) |")
     print("| --- | ---: | ---: |")
     for name in cpu:

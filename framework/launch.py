@@ -37,7 +37,13 @@ class ServerFailedToStart(RuntimeError):
 
 class ServerProcess:
     def __init__(self, overrides: list[str], port: int | None = None, env: dict | None = None,
-                 startup_timeout: float = 300, output_dir: str | None = None):
+                 startup_timeout: float = 300, output_dir: str | None = None, code_root: str | None = None,
+                 wrapper: list[str] | None = None):
+        """``code_root``: the checkout whose ``framework`` the server runs (default: this one; a git
+        worktree of another commit gives an A/B of two versions). ``wrapper``: a command the server
+        runs under (``["valgrind", ...]``)."""
+        self.code_root = code_root or str(Path(__file__).resolve().parent.parent)
+        self.wrapper = list(wrapper or [])
         self.port = port or free_port()
         self.overrides = list(overrides)
         self.env = env
@@ -50,14 +56,13 @@ class ServerProcess:
     def command(self) -> list[str]:
         extra = [] if any(o.startswith("hydra.run.dir=") for o in self.overrides) else \
             [f"hydra.run.dir={self.output_dir}"]
-        return [sys.executable, "-m", "framework.cli", "serve", *self.overrides, *extra,
+        return [*self.wrapper, sys.executable, "-m", "framework.cli", "serve", *self.overrides, *extra,
                 f"server.port={self.port}"]
 
     def start(self) -> ServerProcess:
         env = {**os.environ, **(self.env or {})}
         env.setdefault("PYTHONUNBUFFERED", "1")
-        root = str(Path(__file__).resolve().parent.parent)
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        env["PYTHONPATH"] = self.code_root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         Path(self.output_dir).mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")
         # A new session, so stop() can end the API processes and workers it forked/spawned too.
