@@ -29,6 +29,7 @@ from framework.transport.base import ApiChannel, ChannelFactory, NoWorkerAvailab
 log = logging.getLogger("hydraserve.http")
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
+_MAX_LATE = 1024  # timed-out sampled requests remembered for their worker's late answer
 JSON = "application/json"
 
 
@@ -45,14 +46,19 @@ def error_response(status: int, error: str, detail: Any = None, headers: dict | 
 
 
 class _Reply:
-    """Waits for one answer (``future``) or, for a streamed answer, collects its messages (``queue``)."""
+    """Waits for one answer (``future``) or, for a streamed answer, collects its messages (``queue``).
 
-    __slots__ = ("future", "queue", "worker")
+    For a sampled request it also keeps the request's span (``parent``), to record the worker's spans
+    under when they arrive with the answer.
+    """
+
+    __slots__ = ("future", "queue", "worker", "parent")
 
     def __init__(self, future: asyncio.Future | None, worker: int | None, queue: asyncio.Queue | None = None):
         self.future = future
         self.queue = queue
         self.worker = worker
+        self.parent: tracing.SpanRef | None = None
 
     def deliver(self, msg: dict) -> bool:
         """Hand over one message; True when this was the last one."""
@@ -77,6 +83,7 @@ class Gateway:
         self.api_key = os.environ.get(resolved.server.api_key_env) or None
         self.channel: ApiChannel | None = None
         self.inflight: dict[str, _Reply] = {}
+        self._late: dict[str, _Reply] = {}  # sampled requests answered 504 whose worker may still answer
         self._ids = itertools.count()
         self._prefix = f"{os.getpid():x}-"
         self.scope = ""
@@ -123,14 +130,24 @@ class Gateway:
         tracing.shutdown()
 
     def _on_message(self, raw: bytes) -> None:
+        raw, _, spans = raw.partition(b"\n")  # a sampled request's answer: then its worker spans
         msg = orjson.loads(raw)
         if "dead" in msg:
             self._fail_worker(int(msg["dead"]))
             return
         rid = msg.get("id")
         reply = self.inflight.get(rid)
+        if spans:
+            self._record_worker_spans(reply or self._late.pop(rid, None), spans)
         if reply is not None and reply.deliver(msg):
             self.inflight.pop(rid, None)
+
+    @staticmethod
+    def _record_worker_spans(reply: _Reply | None, spans: bytes) -> None:
+        """The worker's spans of a sampled request, under the request's span. They stay the JSON the
+        worker wrote (``worker.with_spans``): the file exporter writes them as they are."""
+        if reply is not None and reply.parent is not None:
+            tracing.record_tree(reply.parent, spans)
 
     def _fail_worker(self, worker: int) -> None:
         for rid, reply in list(self.inflight.items()):
@@ -332,10 +349,10 @@ class Gateway:
         now = time.monotonic()
         message = {"id": rid, "to": self.channel.reply_to, "items": items, "t": now, "dl": now + timeout_s}
         if self.tracing_on:
-            parent = tracing.message_parent()
-            if parent is not None:  # sampled: the worker records its spans under this request
-                message["tc"] = parent
-                message["tw"] = time.time_ns()
+            parent = tracing.sampled_current()
+            if parent is not None:  # sampled: the worker sends its span timings back with the answer
+                message["tw"] = time.time_ns()  # where the request's queue.wait span starts
+                reply.parent = parent
         await self.channel.send(orjson.dumps(message), worker)
         return reply
 
@@ -364,9 +381,19 @@ class Gateway:
         except NoWorkerAvailable as exc:
             return self._no_worker(exc)
         except asyncio.TimeoutError:
+            self._expect_late(rid, reply)
             return self._deadline(timeout_s)
         finally:
             self._release(rid, reply.worker if reply is not None else None)
+
+    def _expect_late(self, rid: str, reply: _Reply | None) -> None:
+        """A sampled request answered 504 may still be computed: keep what recording its worker
+        spans takes, so its trace shows where the time went (the oldest are forgotten first)."""
+        if reply is None or reply.parent is None:
+            return
+        self._late[rid] = reply
+        if len(self._late) > _MAX_LATE:
+            del self._late[next(iter(self._late))]
 
     async def _stream(self, items: list, body: dict, timeout_s: float) -> Response:
         """A streamed answer: newline-delimited JSON, one line per chunk as the worker produces it.
@@ -381,6 +408,8 @@ class Gateway:
             reply = await self._enqueue(rid, items, timeout_s, lambda w: _Reply(None, w, asyncio.Queue()))
             first = await asyncio.wait_for(reply.queue.get(), timeout_s)
         except (NoWorkerAvailable, asyncio.TimeoutError) as exc:
+            if isinstance(exc, asyncio.TimeoutError):
+                self._expect_late(rid, reply)
             self._release(rid, reply.worker if reply is not None else None)
             return self._error(self._no_worker(exc) if isinstance(exc, NoWorkerAvailable) else
                                self._deadline(timeout_s))

@@ -22,6 +22,7 @@ from framework import metrics, tracing
 from framework.engine import pad_items
 from framework.errors import RequestError
 from framework.plugin import BatchingPlugin, HardwarePlugin, ModelPlugin
+from framework.tracing.records import exception_attributes
 from framework.transport.base import WorkerChannel
 
 log = logging.getLogger("hydraserve.worker")
@@ -36,8 +37,8 @@ class Pending:
     items: list
     arrival: float  # time.monotonic() when the API process queued it
     deadline: float  # time.monotonic() after which the client has already been answered 504
-    carrier: dict | None
-    wall_ns: int  # time.time_ns() when queued, for the queue.wait span
+    queued_ns: int  # time.time_ns() when queued if the request is sampled (its answer then carries
+    # the worker's span timings), else 0
 
     @property
     def n(self) -> int:
@@ -47,7 +48,7 @@ class Pending:
 def _parse(raw: bytes) -> Pending | None:
     try:
         msg = orjson.loads(raw)
-        return Pending(msg["id"], msg["to"], msg["items"], msg["t"], msg["dl"], msg.get("tc"), msg.get("tw", 0))
+        return Pending(msg["id"], msg["to"], msg["items"], msg["t"], msg["dl"], msg.get("tw", 0))
     except Exception:  # a malformed message is dropped, never a crash
         log.warning("dropping a malformed request message (%d bytes)", len(raw))
         return None
@@ -55,6 +56,16 @@ def _parse(raw: bytes) -> Pending | None:
 
 def error_message(request_id: str, status: int, error: str, detail: Any = None) -> bytes:
     return orjson.dumps({"id": request_id, "err": {"status": status, "error": error, "detail": detail}})
+
+
+def with_spans(answer: bytes, batch_spans: bytes, queued_ns: int, start_ns: int) -> bytes:
+    """``answer`` followed by a newline and the request's spans: the batch's (a JSON array of
+    ``tracing.record_tree`` entries, serialized once per batch) plus its own ``queue.wait``.
+
+    A newline cannot occur inside orjson's output, so the API process splits it off without parsing
+    the spans, and the file exporter writes them as they are.
+    """
+    return b"%s\n%s,[\"queue.wait\",%d,%d,null,-1,null]]" % (answer, batch_spans[:-1], queued_ns, start_ns)
 
 
 class BatchRunner:
@@ -98,21 +109,27 @@ class BatchRunner:
             self._fail(batch[0], exc, start_ns)
             return time.monotonic() - start_mono
         seconds = time.monotonic() - start_mono
+        # The batch's span timings, serialized once, ride with the answers of its sampled requests.
+        # (A loop, not any(genexpr): closing an unfinished generator raises inside it, per batch.)
+        spans = None
+        for req in batch:
+            if req.queued_ns:
+                spans = self._spans(len(items), len(batch), phases, start_ns)
+                break
         offset = 0
         for req in batch:
             out = outputs[offset:offset + req.n]
             offset += req.n
-            self.channel.send(req.reply_to, orjson.dumps({"id": req.id, "out": out},
-                                                         option=orjson.OPT_SERIALIZE_NUMPY))
-        sent_ns = time.time_ns()  # the batch span ends here: metrics and logging below are not the batch
+            answer = orjson.dumps({"id": req.id, "out": out}, option=orjson.OPT_SERIALIZE_NUMPY)
+            if req.queued_ns:
+                answer = with_spans(answer, spans, req.queued_ns, start_ns)
+            self.channel.send(req.reply_to, answer)
         waits = [start_mono - r.arrival for r in batch]
         metrics.observe_batch(len(items), waits, seconds)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("batch %d: %d items in %d requests (padded to %d), queue wait max %.2f ms, compute %.2f ms",
                       self.batch_counter, len(items), len(batch), phases["padded"], max(waits) * 1000,
                       seconds * 1000)
-        if tracing.enabled():
-            self._trace(batch, len(items), phases, start_ns, None, sent_ns)
         return seconds
 
     def run_streams(self, batch: list[Pending]) -> float:
@@ -132,36 +149,37 @@ class BatchRunner:
 
     def _fail(self, req: Pending, exc: Exception, start_ns: int) -> None:
         if isinstance(exc, RequestError):
-            message = error_message(req.id, exc.status, exc.message, {"field": exc.field} if exc.field else None)
+            status, error, detail = exc.status, exc.message, {"field": exc.field} if exc.field else None
         else:
             log.exception("model failure on request %s", req.id)
-            message = error_message(req.id, 500, "model failure", f"{type(exc).__name__}: {exc}")
-        self.channel.send(req.reply_to, message)
-        if tracing.enabled():
-            self._trace([req], req.n, None, start_ns, exc)
+            status, error, detail = 500, "model failure", f"{type(exc).__name__}: {exc}"
+        # A bad request is the client's error, not the batch's (HTTP conventions: 4xx leaves it unset).
+        failure = exception_attributes(exc) if not isinstance(exc, RequestError) else None
+        answer = error_message(req.id, status, error, detail)
+        if req.queued_ns:
+            answer = with_spans(answer, self._spans(req.n, 1, None, start_ns, failure), req.queued_ns, start_ns)
+        self.channel.send(req.reply_to, answer)
 
-    def _trace(self, batch: list[Pending], size: int, phases: dict | None, start_ns: int,
-               error: Exception | None, end_ns: int | None = None) -> None:
-        # The times are already measured, so each request's spans are queued as one finished tree.
-        # Per-request child spans (not span links): each request's trace shows the batch it rode in,
-        # and batch.id ties together the requests that shared it. Everything but queue.wait is the
-        # same for every request of the batch, so those entries are built once and shared (tuples:
-        # nothing can change them before they are exported).
-        sampled = [req for req in batch if req.carrier]
-        if not sampled:
-            return
-        end_ns = end_ns or time.time_ns()
+    def _spans(self, size: int, requests: int, phases: dict | None, start_ns: int,
+               failure: dict | None = None) -> bytes:
+        """The batch's spans, ``tracing.record_tree`` entries as one JSON array, for answers to carry.
+
+        The worker records no spans itself: the API process that holds each request's SERVER span
+        records these under it when the answer arrives, without parsing them (see ``with_spans``).
+        So tracing costs the worker one small ``orjson.dumps`` per batch and a few hundred bytes per
+        answer, and costs the API process, the busier one, almost nothing per request.
+        Per-request child spans (not span links): each request's trace shows the batch it rode in,
+        and ``batch.id`` ties together the requests that shared it.
+        """
         attrs = {"batch.size": size, "batch.id": self.batch_id_prefix + str(self.batch_counter),
-                 "batch.requests": len(batch), **self.labels}
-        err = error if error is not None and not isinstance(error, RequestError) else None
-        shared: tuple = (("batch", start_ns, end_ns, attrs, -1, err),)
+                 "batch.requests": requests, **self.labels}
+        # The batch ends as its answers start to go out: what follows is the trip back to the API process.
+        spans = [("batch", start_ns, time.time_ns(), attrs, -1, failure)]
         if phases is not None:
             (p0, p1), (f0, f1), (q0, q1) = phases["pre"], phases["fwd"], phases["post"]
-            shared += (("preprocess", p0, p1, None, 0, None), ("model.forward", f0, f1, attrs, 0, None),
-                       ("postprocess", q0, q1, None, 0, None))
-        for req in sampled:
-            spans = shared + (("queue.wait", req.wall_ns, start_ns, None, -1, None),) if req.wall_ns else shared
-            tracing.record_message_tree(req.carrier, spans)
+            spans += (("preprocess", p0, p1, None, 0, None), ("model.forward", f0, f1, attrs, 0, None),
+                      ("postprocess", q0, q1, None, 0, None))
+        return orjson.dumps(spans)
 
 
 def serve_forever(model: ModelPlugin, batching: BatchingPlugin, hardware: HardwarePlugin,

@@ -121,3 +121,19 @@ def test_otlp_receiver_sees_the_same_trace(serve, tiny_dir):
         while time.monotonic() < deadline and not ({"POST /predict"} | WORKER_SPANS) <= names:
             names = {s["name"] for s in receiver.wait_for(6, timeout=1) if s["trace_id"] == CLIENT_TRACE}
         assert ({"POST /predict"} | WORKER_SPANS) <= names
+
+
+def test_a_request_past_its_deadline_still_shows_where_its_time_went(serve, tiny_dir):
+    # The client gets its 504 at 50 ms; the worker was already computing (200 ms) and its late
+    # answer still brings the spans that explain the wait.
+    server = serve(["model=tiny", f"model.path={tiny_dir}", "model.delay_ms=200", "batching=none", "cache=none",
+                    "tracing=file", "tracing.flush_interval_ms=100"])
+    trace_id = "33333333333333333333333333333333"
+    r = httpx.post(server.url + "/predict", json={"input": [0.5] * 8},
+                   headers={"traceparent": f"00-{trace_id}-3333333333333333-01", "X-Request-Timeout-Ms": "50"})
+    assert r.status_code == 504
+    spans = {s["name"]: s for s in _read_spans(server.output_dir, trace_id, want=6)}
+    assert spans["POST /predict"]["attributes"]["http.response.status_code"] == 504
+    assert WORKER_SPANS <= set(spans), set(spans)
+    assert spans["model.forward"]["end_ns"] - spans["model.forward"]["start_ns"] >= 150_000_000
+    assert spans["batch"]["parent_span_id"] == spans["POST /predict"]["span_id"]

@@ -21,6 +21,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from framework import metrics, traces_view, tracing
 from framework.settings import TracingConfig
 from framework.tracing.context import parent_from_asgi
+from framework.tracing.records import exception_attributes
+from framework.worker import with_spans
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from otlp_receiver import OtlpGrpcReceiver, OtlpHttpReceiver  # noqa: E402
@@ -47,17 +49,17 @@ def read_lines(path: Path) -> list[dict]:
 
 
 def make_request_trace(name: str = "POST /predict") -> str:
-    """What the server does: a SERVER span, a context carried in a message, worker spans under it."""
+    """What the server does: a SERVER span, a cache lookup, and the worker's spans, which arrive
+    after its answer as JSON and are recorded, unparsed, under the request's span as one tree."""
     span = tracing.start_request(name, {}, {"http.route": "/predict"})
     t0 = time.time_ns()
     tracing.record("cache.lookup", tracing.current(), t0, t0 + 1000, {"cache.result": "miss"})
-    message = orjson.loads(orjson.dumps({"input": "hello", "tc": tracing.carrier()}))  # crosses as JSON
+    batch = orjson.dumps([("batch", t0, t0 + 9000, {"batch.size": 4}, -1, None),
+                          ("model.forward", t0 + 1000, t0 + 5000, {"batch.size": 4, "shape": [4, 8]}, 0, None)])
+    answer, _, spans = with_spans(b'{"id": "1", "out": [1]}', batch, t0 - 2_000_000, t0).partition(b"\n")
+    assert orjson.loads(answer) == {"id": "1", "out": [1]}
+    tracing.record_tree(tracing.sampled_current(), spans)
     span.end(200)
-    # ... the worker side, from the message alone: its spans as one tree, as the worker records them.
-    parent = tracing.parse_traceparent(message["tc"])
-    tracing.record_tree(parent, [("queue.wait", t0 - 2_000_000, t0, None, -1, None),
-                                 ("batch", t0, t0 + 9000, {"batch.size": 4}, -1, None),
-                                 ("model.forward", t0 + 1000, t0 + 5000, {"batch.size": 4, "shape": [4, 8]}, 1, None)])
     return span.ref.trace_id
 
 
@@ -79,7 +81,7 @@ def test_file_exporter_writes_the_request_tree_as_json_lines(tmp_path):
     assert by_name["cache.lookup"]["parent_span_id"] == root["span_id"]
     assert by_name["cache.lookup"]["attributes"] == {"cache.result": "miss"}
     assert by_name["batch"]["parent_span_id"] == root["span_id"]
-    assert by_name["batch"]["parent_remote"] is True  # it came through the carrier
+    assert by_name["batch"]["parent_remote"] is False  # recorded in the process of its parent
     assert by_name["model.forward"]["parent_span_id"] == by_name["batch"]["span_id"]
     assert by_name["queue.wait"]["parent_span_id"] == root["span_id"]
     assert by_name["queue.wait"]["end_ns"] - by_name["queue.wait"]["start_ns"] == 2_000_000
@@ -250,53 +252,37 @@ def test_parse_traceparent_agrees_with_the_opentelemetry_propagator():
             assert ours.sampled == theirs.trace_flags.sampled
 
 
-def test_record_tree_nests_the_worker_spans_under_the_message_parent(tmp_path):
+def test_record_tree_nests_spans_given_as_entries_or_as_json(tmp_path):
     tracing.init_tracing(TracingConfig(exporter="file"), RESOURCE, str(tmp_path))
     request = tracing.start_request("POST /predict", {}, {})
-    compact = orjson.loads(orjson.dumps(tracing.message_parent()))  # what a queued message carries
-    request.end(200)
-    parent = tracing.parent_of_message(compact)
-    assert parent.trace_id == request.ref.trace_id and parent.span_id == request.ref.span_id and parent.remote
+    assert tracing.sampled_current() is request.ref
     t0 = time.time_ns()
-    tracing.record_tree(parent, [("batch", t0, t0 + 10, {"batch.size": 2}, -1, RuntimeError("boom")),
-                                 ("model.forward", t0 + 2, t0 + 8, None, 0, None),
-                                 ("queue.wait", t0 - 5, t0, None, -1, None)])
+    tracing.record_tree(request.ref, [("batch", t0, t0 + 10, {"batch.size": 2}, -1, RuntimeError("boom")),
+                                      ("model.forward", t0 + 2, t0 + 8, None, 0, None)])
+    # The same kind of tree as a worker sends it: JSON, an error as its exception's attributes.
+    tracing.record_tree(request.ref, orjson.dumps([
+        ("queue.wait", t0 - 5, t0, None, -1, None),
+        ("json.batch", t0, t0 + 10, None, -1, exception_attributes(ValueError("bad"))),
+        ("json.child", t0 + 1, t0 + 9, {"k": [1, 2]}, 1, None)]))
     tracing.record_tree(None, [("never", t0, t0 + 1, None, -1, None)])
+    request.end(500)
     tracing.shutdown()
     spans = {s["name"]: s for s in read_lines(tmp_path / "traces.jsonl")}
-    assert set(spans) == {"POST /predict", "batch", "model.forward", "queue.wait"}
+    assert set(spans) == {"POST /predict", "batch", "model.forward", "queue.wait", "json.batch", "json.child"}
     root = spans["POST /predict"]
-    assert spans["batch"]["parent_span_id"] == root["span_id"] and spans["batch"]["parent_remote"]
-    assert spans["queue.wait"]["parent_span_id"] == root["span_id"]
+    for name in ("batch", "queue.wait", "json.batch"):
+        assert spans[name]["parent_span_id"] == root["span_id"] and not spans[name]["parent_remote"]
     assert spans["model.forward"]["parent_span_id"] == spans["batch"]["span_id"]
-    assert not spans["model.forward"]["parent_remote"]
+    assert spans["json.child"]["parent_span_id"] == spans["json.batch"]["span_id"]
+    assert spans["json.child"]["attributes"] == {"k": [1, 2]}
     assert spans["batch"]["status"] == {"code": "ERROR", "description": "boom"}
     assert spans["batch"]["events"] == [{"name": "exception", "time_ns": t0 + 10, "attributes": {
         "exception.type": "RuntimeError", "exception.message": "boom"}}]
+    assert spans["json.batch"]["status"] == {"code": "ERROR", "description": "bad"}
+    assert spans["json.batch"]["events"][0]["attributes"]["exception.type"] == "ValueError"
     assert spans["model.forward"]["status"]["code"] == "UNSET" and not spans["model.forward"]["events"]
-    assert len({s["span_id"] for s in spans.values()}) == 4
+    assert len({s["span_id"] for s in spans.values()}) == 6
     assert {s["trace_id"] for s in spans.values()} == {root["trace_id"]}
-    for bad in (None, [], ["x", "y", None], {"traceparent": "garbage"}, "00-abc"):
-        assert tracing.parent_of_message(bad) is None
-
-
-def test_record_message_tree_takes_what_a_queued_message_carries(tmp_path):
-    tracing.init_tracing(TracingConfig(exporter="file"), RESOURCE, str(tmp_path))
-    request = tracing.start_request("POST /predict", {}, {})
-    compact = orjson.loads(orjson.dumps(tracing.message_parent()))
-    as_headers = tracing.carrier()
-    request.end(200)
-    t0 = time.time_ns()
-    tracing.record_message_tree(compact, (("from list", t0, t0 + 5, None, -1, None),))
-    tracing.record_message_tree(as_headers, (("from dict", t0, t0 + 5, None, -1, None),))
-    for garbage in (None, [], ["short", "ids", None], {"traceparent": "garbage"}):
-        tracing.record_message_tree(garbage, (("never", t0, t0 + 5, None, -1, None),))
-    tracing.shutdown()
-    spans = {s["name"]: s for s in read_lines(tmp_path / "traces.jsonl")}
-    assert set(spans) == {"POST /predict", "from list", "from dict"}
-    for name in ("from list", "from dict"):
-        assert spans[name]["trace_id"] == request.ref.trace_id
-        assert spans[name]["parent_span_id"] == request.ref.span_id and spans[name]["parent_remote"]
 
 
 def test_record_follows_the_parent_sampling_and_marks_errors(tmp_path):
@@ -339,7 +325,7 @@ def test_sample_ratio_zero_records_nothing_but_honours_a_sampled_parent(tmp_path
     tracing.start_request("sampled upstream", incoming, {}).end(200)
     unsampled = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"}
     span = tracing.start_request("unsampled upstream", unsampled, {})
-    assert tracing.carrier() is None  # the worker is told nothing, so it records nothing
+    assert tracing.carrier() is None and tracing.sampled_current() is None  # no worker timings asked for
     assert span.ref.traceparent().endswith("-00")  # and the client still learns its trace id
     span.end(200)
     tracing.shutdown()

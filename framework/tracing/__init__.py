@@ -4,10 +4,13 @@ Why not the SDK's tracer on the request path: on this project's 2-core machine a
 through ``start_as_current_span`` cost about 80 µs (sampler, context attach, attribute validation,
 a lock per span), and the worker's five spans another 60 µs. With the ``echo`` model that halved
 the throughput at saturation (``benchmarks/tracing.py``). The framework's own spans are therefore
-recorded as plain tuples (:class:`~framework.tracing.records.SpanRecord`) with W3C-compatible ids
-and sampling, queued without a lock, and turned into JSON lines or SDK spans later by one exporting
-thread per process. What reaches the file or the collector is the same OpenTelemetry data: trace
-and span ids, parent links, kinds, attributes, status, exception events, and a resource.
+recorded as plain tuples (shaped as :class:`~framework.tracing.records.SpanRecord`) with W3C-compatible ids
+and sampling, queued without a lock, and turned into JSON lines or SDK spans later: by whichever
+call fills a chunk (the file exporter has no thread), or by one exporting thread (OTLP, console).
+The inference worker records nothing on the request path: its timings travel back in each sampled
+request's answer, and the API process records them under the request's span. What reaches the
+file or the collector is the same OpenTelemetry data: trace and span ids, parent links, kinds,
+attributes, status, exception events, and a resource.
 
 The SDK stays available for code that wants its own spans: :func:`tracer` returns an SDK tracer
 whose spans go through the same queue and exporter, and :func:`context_of` turns a request's
@@ -20,14 +23,14 @@ file descriptor and thread belong to the parent); a fork hook drops it in the ch
 The request path::
 
     span = tracing.start_request("POST /predict", request.headers, {"http.route": "/predict"})
-    message["tc"] = tracing.message_parent()    # the current request's span, for the worker
+    # spans whose times are already measured, as one tree record (the worker's timings, sent back
+    # with its answer, under the request's span)
+    tracing.record_tree(span.ref, [("batch", start_ns, end_ns, {"batch.size": 8}, -1, None),
+                                   ("model.forward", t0, t1, None, 0, None)])
+    # or one span at a time, each returning the ref its children nest under
+    lookup = tracing.record("cache.lookup", tracing.current(), start_ns, end_ns)
     response.headers["traceparent"] = span.ref.traceparent()
     span.end(200)
-    # in the worker, with times already measured: the request's spans as one tree record
-    tracing.record_message_tree(message["tc"], (("batch", start_ns, end_ns, {"batch.size": 8}, -1, None),
-                                                ("model.forward", t0, t1, None, 0, None)))
-    # or one span at a time, each returning the ref its children nest under
-    batch = tracing.record("batch", tracing.parse_traceparent(headers), start_ns, end_ns)
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import orjson
 from opentelemetry import trace
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
@@ -62,7 +66,7 @@ from framework.tracing.context import (
     ratio_sampled,
 )
 from framework.tracing.export import JsonLinesSpanExporter, Recorder, RecorderProcessor, SdkSink
-from framework.tracing.records import NO_EVENTS, SpanRecord, TreeRecord, error_fields
+from framework.tracing.records import NO_EVENTS, error_fields
 
 __all__ = [
     "JsonLinesSpanExporter",
@@ -77,13 +81,11 @@ __all__ = [
     "flush_interval_s",
     "force_flush",
     "init_tracing",
-    "message_parent",
-    "parent_of_message",
     "parse_traceparent",
     "record",
-    "record_message_tree",
     "record_tree",
     "resolve_path",
+    "sampled_current",
     "seconds_until_flush",
     "shutdown",
     "start_request",
@@ -95,7 +97,6 @@ log = logging.getLogger("hydraserve.tracing")
 TRACER_NAME = "hydraserve"
 _NOOP_TRACER: trace.Tracer = trace.NoOpTracer()
 _EMPTY_CONTEXT = Context()
-_new_record = tuple.__new__  # SpanRecord's generated __new__ checks arguments; this path needs none
 _getrandbits = random.getrandbits
 
 
@@ -104,6 +105,8 @@ class _State:
 
     def __init__(self, recorder: Recorder, ratio: float, provider: TracerProvider, key: tuple) -> None:
         self.recorder = recorder
+        # The file takes spans that arrive as JSON as they are; the SDK exporters parse them.
+        self.embeds_json = isinstance(recorder.sink, JsonLinesSpanExporter)
         self.add = recorder.add
         self.ratio = ratio
         self.provider = provider
@@ -333,10 +336,9 @@ class RequestSpan:
             attrs["error.type"] = str(status_code)
             status = "ERROR"
         ref, parent = self.ref, self.parent
-        state.add(_new_record(SpanRecord, (
-            self.name, ref.trace_id, ref.span_id, parent.span_id if parent is not None else None,
-            parent is not None, "SERVER", self.start_ns, time.time_ns(), attrs, status, None, NO_EVENTS,
-            ref.trace_state)))
+        state.add((self.name, ref.trace_id, ref.span_id, parent.span_id if parent is not None else None,
+                   parent is not None, "SERVER", self.start_ns, time.time_ns(), attrs, status, None, NO_EVENTS,
+                   ref.trace_state))  # a SpanRecord's fields, as a plain tuple (see records.py)
 
 
 def start_request(name: str, headers: Mapping[str, Any] | list | None, attributes: dict) -> RequestSpan | None:
@@ -365,13 +367,14 @@ def current() -> SpanRef | None:
 
 
 def carrier() -> dict[str, str] | None:
-    """The current request's ``traceparent``/``tracestate`` for a queued message; ``None`` when the
-    request is not sampled, so the worker records nothing for it."""
-    ref = _sampled_current()
+    """The current request's ``traceparent``/``tracestate`` for a message to another process or
+    service; ``None`` when the request is not sampled, so the other side records nothing for it."""
+    ref = sampled_current()
     return ref.carrier() if ref is not None else None
 
 
-def _sampled_current() -> SpanRef | None:
+def sampled_current() -> SpanRef | None:
+    """The current request's span if its trace is sampled (children recorded under it are kept)."""
     ref = _current.get()
     return ref if ref is not None and ref.sampled else None
 
@@ -397,68 +400,30 @@ def record(
         return None
     span_id = new_span_id()
     status, description, events = error_fields(error, end_ns)
-    state.add(_new_record(SpanRecord, (
-        name, parent.trace_id, span_id, parent.span_id, parent.remote, kind, start_ns, end_ns, attributes,
-        status, description, events, parent.trace_state)))
+    state.add((name, parent.trace_id, span_id, parent.span_id, parent.remote, kind, start_ns, end_ns, attributes,
+               status, description, events, parent.trace_state))
     return SpanRef(parent.trace_id, span_id, True, parent.trace_state)
 
 
-def record_tree(parent: SpanRef | None, spans: list[tuple]) -> None:
+def record_tree(parent: SpanRef | None, spans: list[tuple] | bytes) -> None:
     """Record several finished spans of one trace at once (the worker's spans for one request).
 
     Each entry is ``(name, start_ns, end_ns, attributes, parent_index, error)``: ``parent_index``
     is the position of an earlier entry to nest under, or -1 for ``parent`` itself; ``error`` is
-    ``None``, a description or an exception. Nothing is recorded when tracing is off or ``parent``
-    is missing or not sampled. The same spans as calls to :func:`record`, queued as one entry (a
-    :class:`~framework.tracing.records.TreeRecord`; do not change ``spans`` afterwards) that the
-    file stores as it is and the SDK exporters expand: about a microsecond for the whole tree.
+    ``None``, a description or an exception. ``spans`` may also be the entries already serialized
+    as one JSON array (bytes, ``orjson.dumps(entries)``, an error then as its exception's attributes):
+    what a worker's answer carries, written to the file without being parsed. Nothing is recorded
+    when tracing is off or ``parent`` is missing or not sampled. The same spans as calls to
+    :func:`record`, queued as one entry (a :class:`~framework.tracing.records.TreeRecord`; do not
+    change ``spans`` afterwards) that the file stores as it is and the SDK exporters expand: well
+    under a microsecond for the whole tree.
     """
     state = _state
     if state is None or parent is None or not parent.sampled:
         return
-    state.add(_new_record(TreeRecord, (parent.trace_id, parent.trace_state, parent.span_id, parent.remote,
-                                       _getrandbits(64), spans)))
-
-
-def record_message_tree(carried: Any, spans: list | tuple) -> None:
-    """:func:`record_tree` under the parent a queued message carries (``message_parent``'s list),
-    without building a :class:`SpanRef` for it: the worker's per-request call. A carrier that is not
-    such a list (a ``traceparent`` dict, say) goes through :func:`parent_of_message`."""
-    state = _state
-    if state is None or not carried:
-        return
-    if isinstance(carried, list) and len(carried) == 3:
-        if _is_compact_parent(carried):
-            trace_id, span_id, trace_state = carried
-            state.add(_new_record(TreeRecord, (trace_id, trace_state, span_id, True, _getrandbits(64), spans)))
-        return
-    record_tree(parent_of_message(carried), spans)
-
-
-def message_parent() -> list | None:
-    """The current request's span in the compact form a queued message carries, or ``None`` when
-    the request is not sampled (the worker then records nothing). Read it with :func:`parent_of_message`."""
-    ref = _sampled_current()
-    return [ref.trace_id, ref.span_id, ref.trace_state] if ref is not None else None
-
-
-def parent_of_message(value: Any) -> SpanRef | None:
-    """The remote parent a queued message carries: the compact list from :func:`message_parent`, or
-    a ``traceparent`` carrier dict; ``None`` if absent or malformed."""
-    if not value:
-        return None
-    if isinstance(value, list) and len(value) == 3:
-        if _is_compact_parent(value):
-            trace_id, span_id, trace_state = value
-            return SpanRef(trace_id, span_id, True, trace_state, True)
-        return None
-    return parse_traceparent(value) if isinstance(value, Mapping) else None
-
-
-def _is_compact_parent(value: list) -> bool:
-    """Whether a three-item list is ``message_parent``'s ``[trace_id, span_id, tracestate]``."""
-    trace_id, span_id, _ = value
-    return isinstance(trace_id, str) and isinstance(span_id, str) and len(trace_id) == 32 and len(span_id) == 16
+    if type(spans) is bytes and state.embeds_json:
+        spans = orjson.Fragment(spans)
+    state.add((parent.trace_id, parent.trace_state, parent.span_id, parent.remote, _getrandbits(64), spans))
 
 
 # ------------------------------------------------------------------------------------- SDK interoperation

@@ -38,6 +38,7 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from framework.tracing.records import (
+    ROW_LEN,
     SPAN_FIELDS,
     TREE_FIELDS,
     TREE_SPAN_FIELDS,
@@ -60,8 +61,8 @@ _SCHEMA_JSON = orjson.Fragment(orjson.dumps(SCHEMA))
 
 
 def _json_default(obj: Any) -> Any:
-    """What orjson cannot write by itself: records (tuple subclasses) as arrays, a failed span's
-    exception as its event attributes, anything else as text."""
+    """What orjson cannot write by itself: a tuple subclass as an array, a failed span's exception
+    as its event attributes, anything else as text."""
     if isinstance(obj, tuple):
         return tuple(obj)
     if isinstance(obj, BaseException):
@@ -94,11 +95,8 @@ class JsonLinesSpanExporter(SpanExporter):
         part of what serializing costs."""
         rows, trees, groups = [], [], {}
         for s in spans:
-            kind = type(s)
-            if kind is SpanRecord:
-                rows.append(s)
-            elif kind is TreeRecord:
-                trees.append(s)
+            if type(s) is tuple:  # a record (records.py): a row or a tree, by its length
+                (rows if len(s) == ROW_LEN else trees).append(s)
             else:
                 resource = self._resource_json(s.resource)
                 groups.setdefault(id(resource), (resource, []))[1].append(sdk_span_dict(s))
@@ -145,13 +143,12 @@ class SdkSink:
     def export(self, spans: Sequence[SpanRecord | TreeRecord | ReadableSpan]) -> SpanExportResult:
         converted = []
         for s in spans:
-            kind = type(s)
-            if kind is SpanRecord:
-                converted.append(readable_span(s, self.resource, self.scope))
-            elif kind is TreeRecord:
-                converted += [readable_span(r, self.resource, self.scope) for r in expand_tree(*s)]
-            else:
+            if type(s) is not tuple:  # made through the SDK
                 converted.append(s)
+            elif len(s) == ROW_LEN:
+                converted.append(readable_span(SpanRecord._make(s), self.resource, self.scope))
+            else:
+                converted += [readable_span(r, self.resource, self.scope) for r in expand_tree(*s)]
         try:
             return self.exporter.export(converted)
         except Exception:  # a dead collector must not kill the exporting thread

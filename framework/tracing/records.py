@@ -5,19 +5,25 @@ a :class:`TreeRecord` is several spans of one trace under one parent (the worker
 request), kept as measured and expanded into spans (:func:`expand_tree`) only where spans are
 needed: by an SDK exporter (OTLP, console) or by a reader of the file. The file stores both as
 positional JSON arrays (see ``export.py``), which orjson writes without any Python code per span.
+
+The queue holds them as plain tuples of these shapes, told apart by length (:data:`ROW_LEN`,
+:data:`TREE_LEN`): orjson writes a plain tuple natively, while a named tuple would cost a call to
+its ``default`` hook per record. The named tuples name the fields, for the code that reads them.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+import orjson
 from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-__all__ = ["NO_EVENTS", "SPAN_FIELDS", "TREE_FIELDS", "TREE_SPAN_FIELDS", "SpanRecord", "TreeRecord", "error_fields",
-           "exception_attributes", "expand_tree", "readable_span", "record_dict", "sdk_span_dict"]
+__all__ = ["NO_EVENTS", "ROW_LEN", "SPAN_FIELDS", "TREE_FIELDS", "TREE_LEN", "TREE_SPAN_FIELDS", "SpanRecord",
+           "TreeRecord", "error_fields", "exception_attributes", "expand_tree", "readable_span", "record_dict",
+           "sdk_span_dict"]
 
 
 class SpanRecord(NamedTuple):
@@ -45,7 +51,9 @@ class TreeRecord(NamedTuple):
     ``spans`` holds ``(name, start_ns, end_ns, attributes, parent_index, error)`` entries:
     ``parent_index`` is an earlier entry's position, or -1 for the parent span itself; ``error`` is
     ``None``, a description, or the exception (or, read back from a file, its attributes). Span ``i``'s
-    id is ``id_base + i`` (mod 2**64, never 0): one random draw for the whole tree.
+    id is ``id_base + i`` (mod 2**64, never 0): one random draw for the whole tree. ``spans`` may
+    also be those entries already serialized as one JSON array (bytes: how a worker sends them; an
+    ``orjson.Fragment`` of them in a process whose exporter is the file, which writes them as they are).
     """
 
     trace_id: str
@@ -53,11 +61,13 @@ class TreeRecord(NamedTuple):
     parent_span_id: str
     parent_remote: bool
     id_base: int  # a random 64-bit number
-    spans: list | tuple
+    spans: list | tuple | bytes | orjson.Fragment
 
 
 SPAN_FIELDS = SpanRecord._fields
 TREE_FIELDS = TreeRecord._fields
+ROW_LEN = len(SPAN_FIELDS)  # a queued plain tuple of this length is a SpanRecord...
+TREE_LEN = len(TREE_FIELDS)  # ... and of this one a TreeRecord
 TREE_SPAN_FIELDS = ("name", "start_ns", "end_ns", "attributes", "parent_index", "error")
 _MASK64 = (1 << 64) - 1
 NO_EVENTS: tuple = ()  # the events of a span that has none (shared: tuples cannot change)
@@ -87,8 +97,10 @@ def tree_span_id(id_base: int, index: int) -> str:
 
 
 def expand_tree(trace_id: str, trace_state: str | None, parent_span_id: str, parent_remote: bool, id_base: int,
-                spans: list | tuple) -> list[SpanRecord]:
+                spans: list | tuple | bytes) -> list[SpanRecord]:
     """The spans of a :class:`TreeRecord` (its fields, or the same values read back from a file)."""
+    if type(spans) is bytes:
+        spans = orjson.loads(spans)
     ids = [tree_span_id(id_base, i) for i in range(len(spans))]
     out = []
     for i, (name, start_ns, end_ns, attributes, parent_index, error) in enumerate(spans):
