@@ -227,7 +227,7 @@ class Gateway:
                 response = error_response(500, "internal server error", "see the server log")
             status = response.status_code
             if span is not None:  # raw append: MutableHeaders re-scans the header list on every set
-                response.raw_headers.append((b"traceparent", span.ref.traceparent().encode()))
+                response.raw_headers.append((b"traceparent", span.traceparent().encode()))
             return response
         finally:
             metrics.request_finished()
