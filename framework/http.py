@@ -137,8 +137,13 @@ class Gateway:
             return
         rid = msg.get("id")
         reply = self.inflight.get(rid)
+        if reply is None and self._late:  # the late answer of a request already answered 504
+            reply = self._late.pop(rid, None)
+            if spans:
+                self._record_worker_spans(reply, spans)
+            return
         if spans:
-            self._record_worker_spans(reply or self._late.pop(rid, None), spans)
+            self._record_worker_spans(reply, spans)
         if reply is not None and reply.deliver(msg):
             self.inflight.pop(rid, None)
 
