@@ -48,7 +48,7 @@ class Pending:
 def _parse(raw: bytes) -> Pending | None:
     try:
         msg = orjson.loads(raw)
-        return Pending(msg["id"], msg["to"], msg["items"], msg["t"], msg["dl"], msg.get("tw", 0))
+        return Pending(msg["id"], msg["to"], msg["items"], msg["t"], msg["dl"], int(msg.get("tw") or 0))
     except Exception:  # a malformed message is dropped, never a crash
         log.warning("dropping a malformed request message (%d bytes)", len(raw))
         return None

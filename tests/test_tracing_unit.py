@@ -22,7 +22,7 @@ from framework import metrics, traces_view, tracing
 from framework.settings import TracingConfig
 from framework.tracing.context import parent_from_asgi
 from framework.tracing.records import exception_attributes
-from framework.worker import with_spans
+from framework.worker import _parse, with_spans
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from otlp_receiver import OtlpGrpcReceiver, OtlpHttpReceiver  # noqa: E402
@@ -283,6 +283,17 @@ def test_record_tree_nests_spans_given_as_entries_or_as_json(tmp_path):
     assert spans["model.forward"]["status"]["code"] == "UNSET" and not spans["model.forward"]["events"]
     assert len({s["span_id"] for s in spans.values()}) == 6
     assert {s["trace_id"] for s in spans.values()} == {root["trace_id"]}
+
+
+def test_the_worker_answers_a_sampled_request_with_its_spans_and_drops_a_malformed_message():
+    base = {"id": "a-1", "to": "1", "items": ["x"], "t": 1.0, "dl": 2.0}
+    assert _parse(orjson.dumps(base)).queued_ns == 0  # not sampled: a plain answer
+    assert _parse(orjson.dumps({**base, "tw": 1795000000000000000})).queued_ns == 1795000000000000000
+    assert _parse(orjson.dumps({**base, "tw": "soon"})) is None  # never a crash in the worker's loop
+    spans = orjson.dumps([("batch", 10, 20, None, -1, None)])
+    answer, _, carried = with_spans(b'{"id":"a-1","out":[1]}', spans, 5, 10).partition(b"\n")
+    assert orjson.loads(answer) == {"id": "a-1", "out": [1]}
+    assert orjson.loads(carried) == [["batch", 10, 20, None, -1, None], ["queue.wait", 5, 10, None, -1, None]]
 
 
 def test_record_follows_the_parent_sampling_and_marks_errors(tmp_path):
