@@ -137,14 +137,12 @@ class Gateway:
             return
         rid = msg.get("id")
         reply = self.inflight.get(rid)
-        if reply is None and self._late:  # the late answer of a request already answered 504
+        waiting = reply is not None
+        if not waiting:  # the late answer of a request already answered 504 (or of nobody's)
             reply = self._late.pop(rid, None)
-            if spans:
-                self._record_worker_spans(reply, spans)
-            return
         if spans:
             self._record_worker_spans(reply, spans)
-        if reply is not None and reply.deliver(msg):
+        if waiting and reply.deliver(msg):
             self.inflight.pop(rid, None)
 
     @staticmethod

@@ -6,9 +6,10 @@ request), kept as measured and expanded into spans (:func:`expand_tree`) only wh
 needed: by an SDK exporter (OTLP, console) or by a reader of the file. The file stores both as
 positional JSON arrays (see ``export.py``), which orjson writes without any Python code per span.
 
-The queue holds them as plain tuples of these shapes, told apart by length (:data:`ROW_LEN`,
-:data:`TREE_LEN`): orjson writes a plain tuple natively, while a named tuple would cost a call to
-its ``default`` hook per record. The named tuples name the fields, for the code that reads them.
+The queue holds them as plain tuples of these shapes, told apart by length (a row has
+:data:`ROW_LEN` fields, a tree fewer): orjson writes a plain tuple natively, while a named tuple
+would cost a call to its ``default`` hook per record. The named tuples name the fields, for the
+code that reads them.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-__all__ = ["NO_EVENTS", "ROW_LEN", "SPAN_FIELDS", "TREE_FIELDS", "TREE_LEN", "TREE_SPAN_FIELDS", "SpanRecord",
+__all__ = ["NO_EVENTS", "ROW_LEN", "SPAN_FIELDS", "TREE_FIELDS", "TREE_SPAN_FIELDS", "SpanRecord",
            "TreeRecord", "error_fields", "exception_attributes", "expand_tree", "readable_span", "record_dict",
            "sdk_span_dict"]
 
 
 class SpanRecord(NamedTuple):
-    """A finished span. A tuple subclass: the request path builds it with ``tuple.__new__`` (the
-    generated ``__new__`` checks arguments), so it costs what a tuple costs."""
+    """A finished span's fields. The request path queues them as a plain tuple (see above);
+    ``SpanRecord._make(row)`` names them again where they are read."""
 
     name: str
     trace_id: str  # 32 hex digits
@@ -66,8 +67,7 @@ class TreeRecord(NamedTuple):
 
 SPAN_FIELDS = SpanRecord._fields
 TREE_FIELDS = TreeRecord._fields
-ROW_LEN = len(SPAN_FIELDS)  # a queued plain tuple of this length is a SpanRecord...
-TREE_LEN = len(TREE_FIELDS)  # ... and of this one a TreeRecord
+ROW_LEN = len(SPAN_FIELDS)  # a queued plain tuple of this length is a SpanRecord, a shorter one a TreeRecord
 TREE_SPAN_FIELDS = ("name", "start_ns", "end_ns", "attributes", "parent_index", "error")
 _MASK64 = (1 << 64) - 1
 NO_EVENTS: tuple = ()  # the events of a span that has none (shared: tuples cannot change)
