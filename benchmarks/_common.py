@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import socket
 import statistics
@@ -18,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -117,18 +118,45 @@ def write_results(name: str, markdown: str, data: dict) -> Path:
     return path
 
 
+def _stat_fields(stat: Path) -> list[str]:
+    """The fields of a /proc/PID/stat after ``(comm)``: state, ppid, pgrp, session, ... utime [11], stime [12]."""
+    return stat.read_text().rsplit(")", 1)[1].split()
+
+
 def session_cpu_seconds(session_id: int) -> float:
     """CPU seconds (user + system) used so far by the live processes of one session: a server
     started by ``ServerProcess`` (its API processes, workers and manager). Linux only."""
     ticks = 0
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            fields = _stat_fields(stat)
         except OSError:  # the process ended meanwhile
             continue
-        if int(fields[3]) == session_id:  # fields after "(comm)": state, ppid, pgrp, session, ...
-            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+        if int(fields[3]) == session_id:
+            ticks += int(fields[11]) + int(fields[12])
     return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) one live process has used so far. Linux only."""
+    fields = _stat_fields(Path(f"/proc/{pid}/stat"))
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+_STARTED = re.compile(rb"Started server process \[(\d+)\]")
+
+
+def server_pids(server: Any) -> tuple[list[int], list[int]]:
+    """(API process pids, worker pids) of a running ``ServerProcess`` (log level info or lower):
+    uvicorn logs each API process as it starts, and ``/info`` lists the workers."""
+    import httpx
+
+    api = sorted({int(m) for m in _STARTED.findall(server.log_path.read_bytes())})
+    info = httpx.get(server.url + "/info", timeout=120).json()
+    workers = sorted(int(e["pid"]) for e in info.get("engine", []) if e.get("pid"))
+    if not api or not workers:
+        raise RuntimeError(f"could not find the server's processes (api {api}, workers {workers})")
+    return api, workers
 
 
 def cpu_per_request(session_id: int, load: Callable[[], dict]) -> dict:

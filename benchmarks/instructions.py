@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import re
 import shutil
 import subprocess
 import sys
@@ -30,28 +29,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import BlockingClient, machine, parse_variant, write_results  # noqa: E402
+from benchmarks._common import BlockingClient, machine, parse_variant, server_pids, write_results  # noqa: E402
 from framework.launch import ServerProcess  # noqa: E402
 
 COMMON = ["model=echo", "cache=none", "batching=none", "hardware=cpu", "server.log_level=info"]
 BODY = b'{"input": "hello"}'
-_STARTED = re.compile(rb"Started server process \[(\d+)\]")
-
-
-def server_pids(server: ServerProcess) -> tuple[list[int], list[int]]:
-    """(API process pids, worker pids) of a running server: uvicorn logs each API process as it
-    starts, and ``/info`` lists the workers."""
-    api = sorted({int(m) for m in _STARTED.findall(server.log_path.read_bytes())})
-    info = httpx.get(server.url + "/info", timeout=120).json()
-    workers = sorted(int(e["pid"]) for e in info.get("engine", []) if e.get("pid"))
-    if not api or not workers:
-        raise RuntimeError(f"could not find the server's processes (api {api}, workers {workers})")
-    return api, workers
 
 
 def send(url: str, requests: int, concurrency: int) -> None:

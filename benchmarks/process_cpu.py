@@ -14,27 +14,23 @@ to quote (``tracing.py`` and ``instructions.py`` measure those). Needs wrk.
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
 import time
 from pathlib import Path
 
-import httpx
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import parse_variant, wait_until_quiet, wrk_throughput  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    parse_variant,
+    process_cpu_seconds,
+    server_pids,
+    wait_until_quiet,
+    wrk_throughput,
+)
 from framework.launch import ServerProcess  # noqa: E402
 
 COMMON = ["cache=none", "hardware=cpu", "server.log_level=info"]
-_STARTED = re.compile(rb"Started server process \[(\d+)\]")
-
-
-def cpu_ticks(pid: int) -> int:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])  # utime + stime
 
 
 def main() -> int:
@@ -42,22 +38,20 @@ def main() -> int:
     parser.add_argument("variants", nargs="+", help="NAME=override,override,...")
     parser.add_argument("--seconds", type=int, default=5)
     args = parser.parse_args()
-    hz = os.sysconf("SC_CLK_TCK")
     print("| variant | req/s @16 | API process CPU | workers CPU |\n| --- | ---: | ---: | ---: |")
     for v in map(parse_variant, args.variants):
         with ServerProcess([*COMMON, *v.overrides], env=v.env, code_root=v.code_root, startup_timeout=600) as server:
-            api = sorted({int(p) for p in _STARTED.findall(server.log_path.read_bytes())})
-            workers = [int(e["pid"]) for e in httpx.get(server.url + "/info", timeout=60).json()["engine"]]
+            api, workers = server_pids(server)
             wrk_throughput(server.url, "/predict", b'{"input": "hello"}', connections=16, seconds=1)  # warm-up
             wait_until_quiet()
-            before = {p: cpu_ticks(p) for p in api + workers}
+            before = {p: process_cpu_seconds(p) for p in api + workers}
             started = time.monotonic()
             result = wrk_throughput(server.url, "/predict", b'{"input": "hello"}', connections=16,
                                     seconds=args.seconds)
             elapsed = time.monotonic() - started
 
             def share(pids: list[int], before: dict = before, elapsed: float = elapsed) -> str:
-                return f"{100 * sum(cpu_ticks(p) - before[p] for p in pids) / hz / elapsed:.0f}%"
+                return f"{100 * sum(process_cpu_seconds(p) - before[p] for p in pids) / elapsed:.0f}%"
 
             print(f"| {v.name} | {result['rps']:.0f} | {share(api)} | {share(workers)} |", flush=True)
     return 0
