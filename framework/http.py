@@ -31,6 +31,7 @@ log = logging.getLogger("hydraserve.http")
 TIMEOUT_HEADER = "x-request-timeout-ms"
 _MAX_LATE = 1024  # timed-out sampled requests remembered for their worker's late answer
 JSON = "application/json"
+ROUTES = ("/predict", "/v1/embeddings")  # the inference routes (server.py mounts them)
 
 
 def json_response(body: Any, status: int = 200, headers: dict | None = None) -> Response:
@@ -97,6 +98,11 @@ class Gateway:
         die_with_parent()  # this API process must not keep serving the port after the server is gone
         tracing.init_tracing(self.r.tracing, resource_attributes(self.r), self.output_dir)
         self.tracing_on = tracing.enabled()
+        # Each route's server span name and attributes at its start, built once (url.path is the
+        # route: these routes match one path exactly).
+        self._span_start = {route: (f"POST {route}", {"http.request.method": "POST", "http.route": route,
+                                                      "url.path": route, "server.port": self.server.port})
+                            for route in ROUTES}
         if self.tracing_on:
             self._span_flusher = asyncio.get_running_loop().create_task(self._flush_spans_periodically())
         self.cache_on = self.cache.enabled
@@ -140,17 +146,12 @@ class Gateway:
         waiting = reply is not None
         if not waiting:  # the late answer of a request already answered 504 (or of nobody's)
             reply = self._late.pop(rid, None)
-        if spans:
-            self._record_worker_spans(reply, spans)
+        if spans and reply is not None:
+            # The worker's spans of a sampled request, under the request's span. They stay the JSON
+            # the worker wrote (worker.with_spans): the file exporter writes them as they are.
+            tracing.record_tree(reply.parent, spans)
         if waiting and reply.deliver(msg):
             self.inflight.pop(rid, None)
-
-    @staticmethod
-    def _record_worker_spans(reply: _Reply | None, spans: bytes) -> None:
-        """The worker's spans of a sampled request, under the request's span. They stay the JSON the
-        worker wrote (``worker.with_spans``): the file exporter writes them as they are."""
-        if reply is not None and reply.parent is not None:
-            tracing.record_tree(reply.parent, spans)
 
     def _fail_worker(self, worker: int) -> None:
         for rid, reply in list(self.inflight.items()):
@@ -218,10 +219,8 @@ class Gateway:
         status = 500
         span = None
         if self.tracing_on:
-            scope = request.scope
-            span = tracing.start_request(f"POST {route}", scope["headers"], {
-                "http.request.method": "POST", "http.route": route, "url.path": scope["path"],
-                "server.port": self.server.port})
+            name, attributes = self._span_start[route]
+            span = tracing.start_request(name, request.scope["headers"], attributes)
         try:
             try:
                 response = await self._serve(request, route)
@@ -230,7 +229,7 @@ class Gateway:
                 response = error_response(500, "internal server error", "see the server log")
             status = response.status_code
             if span is not None:  # raw append: MutableHeaders re-scans the header list on every set
-                response.raw_headers.append((b"traceparent", span.traceparent().encode()))
+                response.raw_headers.append((b"traceparent", span.header))
             return response
         finally:
             metrics.request_finished()
@@ -352,9 +351,9 @@ class Gateway:
         now = time.monotonic()
         message = {"id": rid, "to": self.channel.reply_to, "items": items, "t": now, "dl": now + timeout_s}
         if self.tracing_on:
-            parent = tracing.sampled_current()
-            if parent is not None:  # sampled: the worker sends its span timings back with the answer
-                message["tw"] = time.time_ns()  # where the request's queue.wait span starts
+            parent = tracing.current()
+            if parent is not None and parent.sampled:  # the worker sends its span timings back with the answer
+                message["s"] = 1
                 reply.parent = parent
         await self.channel.send(orjson.dumps(message), worker)
         return reply

@@ -37,8 +37,7 @@ class Pending:
     items: list
     arrival: float  # time.monotonic() when the API process queued it
     deadline: float  # time.monotonic() after which the client has already been answered 504
-    queued_ns: int  # time.time_ns() when queued if the request is sampled (its answer then carries
-    # the worker's span timings), else 0
+    sampled: bool  # its trace is sampled: its answer then carries the worker's span timings
 
     @property
     def n(self) -> int:
@@ -48,7 +47,8 @@ class Pending:
 def _parse(raw: bytes) -> Pending | None:
     try:
         msg = orjson.loads(raw)
-        return Pending(msg["id"], msg["to"], msg["items"], msg["t"], msg["dl"], int(msg.get("tw") or 0))
+        # float(): a queued time that is not a number drops the message here, not the worker's loop later.
+        return Pending(msg["id"], msg["to"], msg["items"], float(msg["t"]), float(msg["dl"]), "s" in msg)
     except Exception:  # a malformed message is dropped, never a crash
         log.warning("dropping a malformed request message (%d bytes)", len(raw))
         return None
@@ -58,13 +58,16 @@ def error_message(request_id: str, status: int, error: str, detail: Any = None) 
     return orjson.dumps({"id": request_id, "err": {"status": status, "error": error, "detail": detail}})
 
 
-def with_spans(answer: bytes, batch_spans: bytes, queued_ns: int, start_ns: int) -> bytes:
+def with_spans(answer: bytes, batch_spans: bytes, req: Pending, start_mono: float, start_ns: int) -> bytes:
     """``answer`` followed by a newline and the request's spans: the batch's (a JSON array of
-    ``tracing.record_tree`` entries, serialized once per batch) plus its own ``queue.wait``.
+    ``tracing.record_tree`` entries, serialized once per batch) plus its own ``queue.wait``, from
+    when the API process queued it to ``start_ns`` (``start_mono`` on the monotonic clock, which
+    every process shares: the request's queued time travels as it is, not as another clock read).
 
     A newline cannot occur inside orjson's output, so the API process splits it off without parsing
     the spans, and the file exporter writes them as they are.
     """
+    queued_ns = start_ns - int((start_mono - req.arrival) * 1e9)
     return b"%s\n%s,[\"queue.wait\",%d,%d,null,-1,null]]" % (answer, batch_spans[:-1], queued_ns, start_ns)
 
 
@@ -76,6 +79,7 @@ class BatchRunner:
         self.hardware = hardware
         self.channel = channel
         self.labels = labels  # model/quantization/device attributes for spans
+        self._forward_json: dict[int, orjson.Fragment] = {}
         self.batch_counter = 0
         self.batch_id_prefix = f"{os.getpid():x}-"  # batch.id = worker pid (hex) - batch number
 
@@ -106,14 +110,14 @@ class BatchRunner:
                 for req in batch:
                     self.run([req])
                 return time.monotonic() - start_mono
-            self._fail(batch[0], exc, start_ns)
+            self._fail(batch[0], exc, start_mono, start_ns)
             return time.monotonic() - start_mono
         seconds = time.monotonic() - start_mono
         # The batch's span timings, serialized once, ride with the answers of its sampled requests.
         # (A loop, not any(genexpr): closing an unfinished generator raises inside it, per batch.)
         spans = None
         for req in batch:
-            if req.queued_ns:
+            if req.sampled:
                 spans = self._spans(len(items), len(batch), phases, start_ns)
                 break
         offset = 0
@@ -121,8 +125,8 @@ class BatchRunner:
             out = outputs[offset:offset + req.n]
             offset += req.n
             answer = orjson.dumps({"id": req.id, "out": out}, option=orjson.OPT_SERIALIZE_NUMPY)
-            if req.queued_ns:
-                answer = with_spans(answer, spans, req.queued_ns, start_ns)
+            if req.sampled:
+                answer = with_spans(answer, spans, req, start_mono, start_ns)
             self.channel.send(req.reply_to, answer)
         waits = [start_mono - r.arrival for r in batch]
         metrics.observe_batch(len(items), waits, seconds)
@@ -136,7 +140,7 @@ class BatchRunner:
         """Streaming models: each request's chunks go out as they are produced, one request at a time."""
         start_mono = time.monotonic()
         for req in batch:
-            start_ns = time.time_ns()
+            req_mono, start_ns = time.monotonic(), time.time_ns()
             try:
                 for item in req.items:
                     for chunk in self.model.stream(item):
@@ -144,10 +148,10 @@ class BatchRunner:
                                                                      option=orjson.OPT_SERIALIZE_NUMPY))
                 self.channel.send(req.reply_to, orjson.dumps({"id": req.id, "end": True}))
             except Exception as exc:
-                self._fail(req, exc, start_ns)
+                self._fail(req, exc, req_mono, start_ns)
         return time.monotonic() - start_mono
 
-    def _fail(self, req: Pending, exc: Exception, start_ns: int) -> None:
+    def _fail(self, req: Pending, exc: Exception, start_mono: float, start_ns: int) -> None:
         if isinstance(exc, RequestError):
             status, error, detail = exc.status, exc.message, {"field": exc.field} if exc.field else None
         else:
@@ -156,8 +160,8 @@ class BatchRunner:
         # A bad request is the client's error, not the batch's (HTTP conventions: 4xx leaves it unset).
         failure = exception_attributes(exc) if not isinstance(exc, RequestError) else None
         answer = error_message(req.id, status, error, detail)
-        if req.queued_ns:
-            answer = with_spans(answer, self._spans(req.n, 1, None, start_ns, failure), req.queued_ns, start_ns)
+        if req.sampled:
+            answer = with_spans(answer, self._spans(req.n, 1, None, start_ns, failure), req, start_mono, start_ns)
         self.channel.send(req.reply_to, answer)
 
     def _spans(self, size: int, requests: int, phases: dict | None, start_ns: int,
@@ -173,14 +177,23 @@ class BatchRunner:
         and ``batch.id`` ties together the requests that shared it.
         """
         attrs = {"batch.size": size, "batch.id": self.batch_id_prefix + str(self.batch_counter),
-                 "batch.requests": requests, **self.labels}
+                 "batch.requests": requests}
         # The batch ends as its answers start to go out: what follows is the trip back to the API process.
         spans = [("batch", start_ns, time.time_ns(), attrs, -1, failure)]
         if phases is not None:
             (p0, p1), (f0, f1), (q0, q1) = phases["pre"], phases["fwd"], phases["post"]
-            spans += (("preprocess", p0, p1, None, 0, None), ("model.forward", f0, f1, attrs, 0, None),
+            spans += (("preprocess", p0, p1, None, 0, None),
+                      ("model.forward", f0, f1, self._forward_attributes(size), 0, None),
                       ("postprocess", q0, q1, None, 0, None))
         return orjson.dumps(spans)
+
+    def _forward_attributes(self, size: int) -> orjson.Fragment:
+        """``model.forward``'s attributes (model, quantization, device, batch size) as ready JSON: they
+        only change with the batch size, so each size is serialized once per worker."""
+        cached = self._forward_json.get(size)
+        if cached is None:
+            cached = self._forward_json[size] = orjson.Fragment(orjson.dumps({**self.labels, "batch.size": size}))
+        return cached
 
 
 def serve_forever(model: ModelPlugin, batching: BatchingPlugin, hardware: HardwarePlugin,

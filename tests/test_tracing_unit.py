@@ -20,9 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from framework import metrics, traces_view, tracing
 from framework.settings import TracingConfig
-from framework.tracing.context import parent_from_asgi
 from framework.tracing.records import exception_attributes
-from framework.worker import _parse, with_spans
+from framework.worker import Pending, _parse, with_spans
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from otlp_receiver import OtlpGrpcReceiver, OtlpHttpReceiver  # noqa: E402
@@ -56,7 +55,9 @@ def make_request_trace(name: str = "POST /predict") -> str:
     tracing.record("cache.lookup", tracing.current(), t0, t0 + 1000, {"cache.result": "miss"})
     batch = orjson.dumps([("batch", t0, t0 + 9000, {"batch.size": 4}, -1, None),
                           ("model.forward", t0 + 1000, t0 + 5000, {"batch.size": 4, "shape": [4, 8]}, 0, None)])
-    answer, _, spans = with_spans(b'{"id": "1", "out": [1]}', batch, t0 - 2_000_000, t0).partition(b"\n")
+    start_mono = time.monotonic()
+    queued = Pending("1", "api-1", [1], start_mono - 0.002, start_mono + 1, sampled=True)
+    answer, _, spans = with_spans(b'{"id": "1", "out": [1]}', batch, queued, start_mono, t0).partition(b"\n")
     assert orjson.loads(answer) == {"id": "1", "out": [1]}
     tracing.record_tree(tracing.sampled_current(), spans)
     span.end(200)
@@ -179,7 +180,7 @@ def test_network_exporters_keep_a_thread_so_requests_never_wait_on_the_network()
     tracing.start_request("queued", None, {}).end(200)
     tracing._state.recorder._due = 0.0  # overdue, yet the caller's thread must not export
     tracing.flush_if_due()
-    assert len(tracing._state.recorder._queue) == 1 and tracing.seconds_until_flush() is None
+    assert len(tracing._state.recorder.rows) == 1 and tracing.seconds_until_flush() is None
 
 
 def test_console_exporter_prints_spans(capsys):
@@ -231,10 +232,11 @@ def test_a_missing_or_malformed_traceparent_starts_a_new_trace(tmp_path, header)
     span.end(200)
 
 
-def test_parse_traceparent_agrees_with_the_opentelemetry_propagator():
+def test_parse_traceparent_agrees_with_the_opentelemetry_propagator(tmp_path):
     from opentelemetry import trace
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+    tracing.init_tracing(TracingConfig(exporter="file"), RESOURCE, str(tmp_path))
     propagator = TraceContextTextMapPropagator()
     for header in ("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
@@ -242,7 +244,11 @@ def test_parse_traceparent_agrees_with_the_opentelemetry_propagator():
                    "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra"):
         theirs = trace.get_current_span(propagator.extract({"traceparent": header})).get_span_context()
         ours = tracing.parse_traceparent({"traceparent": header})
-        raw = parent_from_asgi([(b"host", b"x"), (b"traceparent", header.encode()), (b"tracestate", b"v=1")])
+        # What the server passes: an ASGI scope's raw header list.
+        request = tracing.start_request("raw", [(b"host", b"x"), (b"traceparent", header.encode()),
+                                                (b"tracestate", b"v=1")], {})
+        request.end(200)
+        raw = request.parent
         assert (ours is not None) == theirs.is_valid == (raw is not None), header
         if raw is not None:  # an ASGI scope's raw headers read the same, tracestate included
             assert (raw.trace_id, raw.span_id, raw.sampled, raw.trace_state) == \
@@ -286,14 +292,18 @@ def test_record_tree_nests_spans_given_as_entries_or_as_json(tmp_path):
 
 
 def test_the_worker_answers_a_sampled_request_with_its_spans_and_drops_a_malformed_message():
-    base = {"id": "a-1", "to": "1", "items": ["x"], "t": 1.0, "dl": 2.0}
-    assert _parse(orjson.dumps(base)).queued_ns == 0  # not sampled: a plain answer
-    assert _parse(orjson.dumps({**base, "tw": 1795000000000000000})).queued_ns == 1795000000000000000
-    assert _parse(orjson.dumps({**base, "tw": "soon"})) is None  # never a crash in the worker's loop
-    spans = orjson.dumps([("batch", 10, 20, None, -1, None)])
-    answer, _, carried = with_spans(b'{"id":"a-1","out":[1]}', spans, 5, 10).partition(b"\n")
+    base = {"id": "a-1", "to": "1", "items": ["x"], "t": 100.0, "dl": 102.0}
+    assert not _parse(orjson.dumps(base)).sampled  # a plain answer
+    queued = _parse(orjson.dumps({**base, "s": 1}))
+    assert queued.sampled and queued.arrival == 100.0
+    assert _parse(orjson.dumps({**base, "t": "soon"})) is None  # never a crash in the worker's loop
+    spans = orjson.dumps([("batch", 10_000, 20_000, None, -1, None)])
+    # Queued 5 µs (monotonic clock) before the batch started at 10_000 ns (wall clock).
+    answer, _, carried = with_spans(b'{"id":"a-1","out":[1]}', spans, queued, 100.000005, 10_000).partition(b"\n")
     assert orjson.loads(answer) == {"id": "a-1", "out": [1]}
-    assert orjson.loads(carried) == [["batch", 10, 20, None, -1, None], ["queue.wait", 5, 10, None, -1, None]]
+    (batch, wait) = orjson.loads(carried)
+    assert batch == ["batch", 10_000, 20_000, None, -1, None]
+    assert wait[0] == "queue.wait" and abs(wait[1] - 5_000) <= 1 and wait[2:] == [10_000, None, -1, None]
 
 
 def test_record_follows_the_parent_sampling_and_marks_errors(tmp_path):
@@ -359,13 +369,35 @@ def test_sample_ratio_matches_the_sdk_sampler_decision(tmp_path):
     assert 40 < sum(decisions) < 160  # about a quarter
 
 
-def test_a_full_queue_drops_spans_instead_of_blocking(tmp_path):
+def test_a_stuck_exporter_drops_spans_beyond_the_queue_limit_instead_of_blocking(monkeypatch):
+    import threading
+
+    tracing.init_tracing(TracingConfig(exporter="console", max_queue_size=10, flush_interval_ms=60_000), RESOURCE,
+                         None)
+    recorder = tracing._state.recorder
+    release, exported = threading.Event(), []
+
+    def stuck_export(spans):  # a collector that does not answer
+        release.wait(30)
+        exported.extend(spans)
+
+    monkeypatch.setattr(recorder.sink.exporter, "export", stuck_export)
+    started = time.monotonic()
+    for _ in range(50):
+        tracing.start_request("r", None, {}).end(200)
+    assert time.monotonic() - started < 10  # no request waited for the exporter
+    assert recorder.queued() <= 10 and recorder.dropped > 0
+    release.set()
+    tracing.shutdown()
+    assert 10 <= len(exported) <= 20  # the chunk being exported, and what the queue kept
+
+
+def test_the_file_exporter_writes_when_its_queue_limit_is_reached(tmp_path):
     tracing.init_tracing(TracingConfig(exporter="file", max_queue_size=10, flush_interval_ms=60_000), RESOURCE,
                          str(tmp_path))
     for _ in range(50):
         tracing.start_request("r", None, {}).end(200)
-    tracing.shutdown()
-    assert len(read_lines(tmp_path / "traces.jsonl")) == 10
+    assert len(read_lines(tmp_path / "traces.jsonl")) == 50  # written by the requests themselves, none lost
 
 
 # ------------------------------------------------------------------------------------------------ fork

@@ -29,7 +29,7 @@ The request path::
                                    ("model.forward", t0, t1, None, 0, None)])
     # or one span at a time, each returning the ref its children nest under
     lookup = tracing.record("cache.lookup", tracing.current(), start_ns, end_ns)
-    response.headers["traceparent"] = span.ref.traceparent()
+    response.raw_headers.append((b"traceparent", span.header))  # the client learns its trace id
     span.end(200)
 """
 
@@ -44,7 +44,7 @@ import random
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -58,10 +58,12 @@ from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from framework.tracing.context import (
+    ZERO_SPAN_ID,
+    ZERO_TRACE_ID,
     SpanRef,
     new_ids,
     new_span_id,
-    parent_from_asgi,
+    parse_raw_traceparent,
     parse_traceparent,
     ratio_sampled,
 )
@@ -98,6 +100,7 @@ TRACER_NAME = "hydraserve"
 _NOOP_TRACER: trace.Tracer = trace.NoOpTracer()
 _EMPTY_CONTEXT = Context()
 _getrandbits = random.getrandbits
+_new_object = object.__new__
 
 
 class _State:
@@ -105,10 +108,15 @@ class _State:
 
     def __init__(self, recorder: Recorder, ratio: float, provider: TracerProvider, key: tuple) -> None:
         self.recorder = recorder
+        # The request path appends to the recorder's queues itself (see RequestSpan.end).
+        self.rows = recorder.rows
+        self.trees = recorder.trees
+        self.chunk = recorder.chunk
+        self.chunk_ready = recorder.chunk_ready
         # The file takes spans that arrive as JSON as they are; the SDK exporters parse them.
         self.embeds_json = isinstance(recorder.sink, JsonLinesSpanExporter)
-        self.add = recorder.add
         self.ratio = ratio
+        self.sample_all = ratio >= 1.0
         self.provider = provider
         self.tracer = provider.get_tracer(TRACER_NAME)
         self.pid = os.getpid()
@@ -311,26 +319,17 @@ def tracer() -> trace.Tracer:
 
 
 class RequestSpan(SpanRef):
-    """The SERVER span of one HTTP request; made current for the request's task until :meth:`end`.
+    """The SERVER span of one HTTP request, made by :func:`start_request`; current for the request's
+    task until :meth:`end`.
 
     It is its own :class:`SpanRef` (``span.ref is span``): what :func:`current` returns and children
-    nest under. One object per request instead of two, on the path every request takes.
+    nest under. ``header`` is the ``traceparent`` response header's value (bytes), which tells the
+    client the trace id.
     """
 
-    __slots__ = ("parent", "name", "attributes", "start_ns", "_token")
+    __slots__ = ("parent", "name", "attributes", "start_ns", "header", "_token")
 
-    def __init__(self, name: str, trace_id: str, span_id: str, sampled: bool, trace_state: str | None,
-                 parent: SpanRef | None, attributes: dict) -> None:
-        self.trace_id = trace_id
-        self.span_id = span_id
-        self.sampled = sampled
-        self.trace_state = trace_state
-        self.remote = False
-        self.name = name
-        self.parent = parent
-        self.attributes = attributes
-        self.start_ns = time.time_ns()
-        self._token = _current.set(self)
+    remote = False  # a span of this process (a class attribute: one less store per request)
 
     @property
     def ref(self) -> SpanRef:
@@ -342,16 +341,18 @@ class RequestSpan(SpanRef):
         state = _state
         if state is None or not self.sampled:
             return
-        attrs = self.attributes
-        attrs["http.response.status_code"] = status_code
+        attrs = {**self.attributes, "http.response.status_code": status_code}
         status = "UNSET"
         if status_code >= 500:
             attrs["error.type"] = str(status_code)
             status = "ERROR"
         parent = self.parent
-        state.add((self.name, self.trace_id, self.span_id, parent.span_id if parent is not None else None,
-                   parent is not None, "SERVER", self.start_ns, time.time_ns(), attrs, status, None, NO_EVENTS,
-                   self.trace_state))  # a SpanRecord's fields, as a plain tuple (see records.py)
+        rows = state.rows  # Recorder.add, in line: this runs once per request
+        rows.append((self.name, self.trace_id, self.span_id, parent.span_id if parent is not None else None,
+                     parent is not None, "SERVER", self.start_ns, time.time_ns(), attrs, status, None, NO_EVENTS,
+                     self.trace_state))  # a SpanRecord's fields, as a plain tuple (see records.py)
+        if len(rows) >= state.chunk:
+            state.chunk_ready(rows)
 
 
 def start_request(name: str, headers: Mapping[str, Any] | list | None, attributes: dict) -> RequestSpan | None:
@@ -360,21 +361,51 @@ def start_request(name: str, headers: Mapping[str, Any] | list | None, attribute
     ``headers``: a mapping (request headers, a carrier dict) or an ASGI scope's raw header list.
     ``None`` when tracing is off in this process. A request without a (valid) header starts a new
     trace, sampled by ``tracing.sample_ratio``; one with a header follows the client's sampled flag
-    (OpenTelemetry's ``ParentBased`` rule). ``attributes`` is kept and completed at :meth:`end`.
+    (OpenTelemetry's ``ParentBased`` rule). ``attributes`` is not changed (one dict can serve every
+    request of a route): :meth:`end` records a copy with the response status added.
+
+    Every request of a traced server runs this, so it is written as one function: each Python call
+    it saved was a measurable share of an ``echo`` request (``benchmarks/instructions.py``).
     """
     state = _state
     if state is None:
         return None
-    parent = parent_from_asgi(headers) if type(headers) is list else parse_traceparent(headers)
+    if type(headers) is list:  # an ASGI scope's raw headers (names lowercase): one pass, no Headers object
+        header = trace_state = None
+        for key, value in headers:
+            if key == b"traceparent":
+                header = value
+            elif key == b"tracestate":
+                trace_state = value
+        parent = None if header is None else parse_raw_traceparent(header, trace_state)
+    else:
+        parent = parse_traceparent(headers)
+    span = _new_object(RequestSpan)
+    span.parent = parent
     if parent is None:
-        trace_id, span_id = new_ids()
-        return RequestSpan(name, trace_id, span_id, ratio_sampled(trace_id, state.ratio), None, None, attributes)
-    return RequestSpan(name, parent.trace_id, new_span_id(), parent.sampled, parent.trace_state, parent, attributes)
+        ids = _getrandbits(192).to_bytes(24, "big").hex()  # trace id and span id from one draw
+        trace_id, span_id = ids[:32], ids[32:]
+        if trace_id == ZERO_TRACE_ID or span_id == ZERO_SPAN_ID:  # invalid ids; once in 2**64 draws
+            trace_id, span_id = new_ids()
+        sampled = state.sample_all or ratio_sampled(trace_id, state.ratio)
+        span.trace_state = None
+    else:
+        trace_id, span_id, sampled = parent.trace_id, new_span_id(), parent.sampled
+        span.trace_state = parent.trace_state
+    span.trace_id = trace_id
+    span.span_id = span_id
+    span.sampled = sampled
+    span.header = f"00-{trace_id}-{span_id}-{'01' if sampled else '00'}".encode()
+    span.name = name
+    span.attributes = attributes
+    span.start_ns = time.time_ns()
+    span._token = _current.set(span)
+    return span
 
 
-def current() -> SpanRef | None:
-    """The current request's span in this task (``None`` outside a traced request)."""
-    return _current.get()
+# The current request's span in this task (``None`` outside a traced request): the context
+# variable's own getter, so asking costs no Python call.
+current: Callable[[], SpanRef | None] = _current.get
 
 
 def carrier() -> dict[str, str] | None:
@@ -411,8 +442,8 @@ def record(
         return None
     span_id = new_span_id()
     status, description, events = error_fields(error, end_ns)
-    state.add((name, parent.trace_id, span_id, parent.span_id, parent.remote, kind, start_ns, end_ns, attributes,
-               status, description, events, parent.trace_state))
+    state.recorder.add((name, parent.trace_id, span_id, parent.span_id, parent.remote, kind, start_ns, end_ns,
+                        attributes, status, description, events, parent.trace_state))
     return SpanRef(parent.trace_id, span_id, True, parent.trace_state)
 
 
@@ -434,7 +465,10 @@ def record_tree(parent: SpanRef | None, spans: list[tuple] | bytes) -> None:
         return
     if type(spans) is bytes and state.embeds_json:
         spans = orjson.Fragment(spans)
-    state.add((parent.trace_id, parent.trace_state, parent.span_id, parent.remote, _getrandbits(64), spans))
+    trees = state.trees  # Recorder.add, in line: a traced server runs this once per sampled request
+    trees.append((parent.trace_id, parent.trace_state, parent.span_id, parent.remote, _getrandbits(64), spans))
+    if len(trees) >= state.chunk:
+        state.chunk_ready(trees)
 
 
 # ------------------------------------------------------------------------------------- SDK interoperation

@@ -13,12 +13,12 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["SpanRef", "new_ids", "new_span_id", "new_trace_id", "parent_from_asgi", "parse_traceparent",
-           "ratio_sampled"]
+__all__ = ["ZERO_SPAN_ID", "ZERO_TRACE_ID", "SpanRef", "new_ids", "new_span_id", "new_trace_id",
+           "parse_raw_traceparent", "parse_traceparent", "ratio_sampled"]
 
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
-_ZERO_TRACE = "0" * 32
-_ZERO_SPAN = "0" * 16
+ZERO_TRACE_ID = "0" * 32  # all zeros: the invalid ids
+ZERO_SPAN_ID = "0" * 16
 _getrandbits = random.getrandbits
 
 
@@ -66,7 +66,7 @@ def new_ids() -> tuple[str, str]:
     """A new trace id and span id from one random draw (the request path's case)."""
     bits = _getrandbits(192).to_bytes(24, "big").hex()
     trace_id, span_id = bits[:32], bits[32:]
-    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:  # invalid ids; once in 2**64 draws
+    if trace_id == ZERO_TRACE_ID or span_id == ZERO_SPAN_ID:  # invalid ids; once in 2**64 draws
         return new_trace_id(), new_span_id()
     return trace_id, span_id
 
@@ -84,20 +84,8 @@ def parse_traceparent(carrier: Mapping[str, Any] | None) -> SpanRef | None:
     return _parse(header, carrier.get("tracestate"))
 
 
-def parent_from_asgi(headers: list[tuple[bytes, bytes]]) -> SpanRef | None:
-    """:func:`parse_traceparent` straight from an ASGI scope's raw header list (names lowercase).
-
-    Cheaper than building Starlette's ``Headers`` first; most requests carry no ``traceparent``
-    and pay one pass over a short list.
-    """
-    header = state = None
-    for name, value in headers:
-        if name == b"traceparent":
-            header = value
-        elif name == b"tracestate":
-            state = value
-    if header is None:
-        return None
+def parse_raw_traceparent(header: bytes, state: bytes | None) -> SpanRef | None:
+    """:func:`parse_traceparent` for header values as an ASGI scope holds them (bytes)."""
     return _parse(header.decode("latin-1"), state.decode("latin-1") if state else None)
 
 
@@ -106,7 +94,7 @@ def _parse(header: str, state: str | None) -> SpanRef | None:
     if m is None:
         return None
     version, trace_id, span_id, flags, rest = m.groups()
-    if version == "ff" or (version == "00" and rest) or trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+    if version == "ff" or (version == "00" and rest) or trace_id == ZERO_TRACE_ID or span_id == ZERO_SPAN_ID:
         return None
     return SpanRef(trace_id, span_id, bool(int(flags, 16) & 1), state or None, True)
 

@@ -1,8 +1,10 @@
-"""Where finished spans go: a bounded in-memory queue, drained by one thread into a sink.
+"""Where finished spans go: bounded in-memory queues, drained in chunks into a sink.
 
-``Recorder.add`` is what the request path pays: a length check and a ``deque.append``, and, once
+What the request path pays is a ``deque.append`` and a length check on one of the recorder's
+queues (``rows``, ``trees``: see records.py), written in line where spans are recorded, and, once
 in a chunk of a few hundred spans, the chunk's export (inline for the file exporter, on a
-background thread for the network ones: see :class:`Recorder`).
+background thread for the network ones: see :class:`Recorder`). One queue per kind of record, so
+neither the queueing nor the export sorts them one by one in Python.
 
 Sinks:
 
@@ -28,6 +30,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Sequence
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -89,30 +92,35 @@ class JsonLinesSpanExporter(SpanExporter):
             self._resources[id(resource)] = cached
         return cached[1]
 
-    def encode(self, spans: Sequence[SpanRecord | TreeRecord | ReadableSpan]) -> bytes:
-        """One line per resource in ``spans`` (records share this process's resource; SDK spans
-        carry their own). A line per chunk, in one ``orjson.dumps`` call: the call itself is a good
-        part of what serializing costs."""
-        rows, trees, groups = [], [], {}
-        for s in spans:
-            if type(s) is tuple:  # a record (records.py): a row or a tree, by its length
-                (rows if len(s) == ROW_LEN else trees).append(s)
-            else:
-                resource = self._resource_json(s.resource)
-                groups.setdefault(id(resource), (resource, []))[1].append(sdk_span_dict(s))
+    def encode(self, rows: Sequence[tuple] = (), trees: Sequence[tuple] = (),
+               sdk_spans: Sequence[ReadableSpan] = ()) -> bytes:
+        """One line for this process's records (they share its resource) and one per resource among
+        ``sdk_spans`` (each carries its own). Each line is one ``orjson.dumps`` call over whole
+        lists: no Python code runs per record."""
         lines = []
         if rows or trees:
             lines.append(orjson.dumps({"resource": self._resource, "schema": _SCHEMA_JSON, "rows": rows,
                                        "trees": trees}, default=_json_default, option=_LINE))
+        groups: dict[int, tuple[Any, list]] = {}
+        for s in sdk_spans:
+            resource = self._resource_json(s.resource)
+            groups.setdefault(id(resource), (resource, []))[1].append(sdk_span_dict(s))
         for resource, group in groups.values():
             lines.append(orjson.dumps({"resource": resource, "spans": group}, default=str, option=_LINE))
         return b"".join(lines)
 
-    def export(self, spans: Sequence[SpanRecord | TreeRecord | ReadableSpan]) -> SpanExportResult:
+    def write(self, rows: Sequence[tuple], trees: Sequence[tuple], sdk_spans: Sequence[ReadableSpan]) -> None:
+        """What the recorder calls with each chunk (see :class:`Recorder`)."""
+        self._write(self.encode(rows, trees, sdk_spans))
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        """The SDK exporter interface, for spans of other tracers."""
+        return self._write(self.encode(sdk_spans=spans))
+
+    def _write(self, data: bytes) -> SpanExportResult:
         if self._fd is None:
             return SpanExportResult.FAILURE
         try:
-            data = self.encode(spans)
             with self._write_lock:
                 view = memoryview(data)
                 while view:  # a regular file takes it all at once; loop only for the pathological case
@@ -140,27 +148,36 @@ class SdkSink:
         self.resource = resource
         self.scope = scope
 
-    def export(self, spans: Sequence[SpanRecord | TreeRecord | ReadableSpan]) -> SpanExportResult:
-        converted = []
-        for s in spans:
-            if type(s) is not tuple:  # made through the SDK
-                converted.append(s)
-            elif len(s) == ROW_LEN:
-                converted.append(readable_span(SpanRecord._make(s), self.resource, self.scope))
-            else:
-                converted += [readable_span(r, self.resource, self.scope) for r in expand_tree(*s)]
+    def write(self, rows: Sequence[tuple], trees: Sequence[tuple], sdk_spans: Sequence[ReadableSpan]) -> None:
+        converted = list(sdk_spans)
+        converted += [readable_span(SpanRecord._make(r), self.resource, self.scope) for r in rows]
+        for t in trees:
+            converted += [readable_span(r, self.resource, self.scope) for r in expand_tree(*t)]
         try:
-            return self.exporter.export(converted)
+            self.exporter.export(converted)
         except Exception:  # a dead collector must not kill the exporting thread
             log.exception("tracing: export failed")
-            return SpanExportResult.FAILURE
 
     def shutdown(self) -> None:
         self.exporter.shutdown()
 
 
+_popleft = deque.popleft
+
+
+def _take(queue: deque) -> list:
+    """Up to a chunk of ``queue``'s oldest entries, popped one by one in C (appends from another
+    thread meanwhile are safe: each ``popleft`` is atomic)."""
+    return list(map(_popleft, repeat(queue, min(CHUNK, len(queue)))))
+
+
 class Recorder:
-    """The per-process span queue, and how it is drained: inline or by a thread.
+    """The per-process span queues, and how they are drained: inline or by a thread.
+
+    Three queues, one per kind of entry: ``rows`` (span records), ``trees`` (tree records) and
+    ``sdk`` (spans made through the SDK). The request path appends to ``rows`` or ``trees`` itself,
+    then calls :meth:`chunk_ready` once that queue holds :attr:`chunk` entries (see
+    ``tracing.RequestSpan.end``).
 
     *Inline* (the file exporter): no thread. The thread that records the span that fills a chunk
     exports the chunk, and the process's main loop calls :meth:`flush_if_due` when it has time (the
@@ -171,17 +188,24 @@ class Recorder:
     a few µs, so the rest is the two threads contending for the GIL and the CPUs.
 
     *Threaded* (OTLP and console, whose exports block on the network or a terminal): one daemon
-    thread wakes every ``flush_interval_ms``, or as soon as a chunk is ready.
+    thread wakes every ``flush_interval_ms``, or as soon as a chunk is ready. Past
+    ``max_queue_size`` queued entries, new ones are dropped (and counted in a warning): a request
+    never waits for tracing.
     """
 
     def __init__(self, sink: JsonLinesSpanExporter | SdkSink, max_queue_size: int, flush_interval_s: float,
                  inline: bool = False) -> None:
         self.sink = sink
         self.max_queue_size = max_queue_size
+        # A queue this long is exported (inline) or handed to the thread: a chunk, or less when
+        # tracing.max_queue_size is smaller, so the file exporter writes rather than drops.
+        self.chunk = max(1, min(CHUNK, max_queue_size))
         self.flush_interval_s = flush_interval_s
         self.inline = inline
         self.dropped = 0
-        self._queue: deque = deque()
+        self.rows: deque = deque()
+        self.trees: deque = deque()
+        self.sdk: deque = deque()
         self._due = time.monotonic() + flush_interval_s  # when queued spans must be exported at the latest
         self._wake = threading.Event()
         self._stop = False
@@ -192,29 +216,41 @@ class Recorder:
             self._thread.start()
 
     def add(self, span: SpanRecord | TreeRecord | ReadableSpan) -> None:
-        queue = self._queue
-        if len(queue) >= self.max_queue_size:
-            self.dropped += 1  # never block a request on tracing
-            return
+        """Queue any entry (the request path appends to its queue itself instead)."""
+        if type(span) is not tuple:
+            queue = self.sdk
+        else:
+            queue = self.rows if len(span) == ROW_LEN else self.trees
         queue.append(span)
-        if len(queue) >= CHUNK:
-            if self.inline:
-                self.flush()
-            elif len(queue) == CHUNK:
-                self._wake.set()
+        if len(queue) >= self.chunk:
+            self.chunk_ready(queue)
+
+    def queued(self) -> int:
+        return len(self.rows) + len(self.trees) + len(self.sdk)
+
+    def chunk_ready(self, queue: deque) -> None:
+        """``queue`` holds at least :attr:`chunk` entries: export now (inline) or wake the exporting
+        thread (and drop the newest entry when the thread is behind by ``max_queue_size``)."""
+        if self.inline:
+            self.flush()
+        elif self.queued() > self.max_queue_size:
+            queue.pop()  # the newest: tracing never blocks a request
+            self.dropped += 1
+        elif len(queue) == self.chunk:
+            self._wake.set()
 
     def seconds_until_due(self) -> float | None:
         """How long queued spans may still wait (0: now); ``None`` when nothing is queued, or when
         the exporting thread keeps the time (threaded mode)."""
-        if not self.inline or not self._queue:
+        if not self.inline or not (self.rows or self.trees or self.sdk):
             return None
         return max(0.0, self._due - time.monotonic())
 
     def flush_if_due(self) -> None:
-        """Inline mode: export the queue if ``flush_interval_ms`` has passed since the last export
+        """Inline mode: export the queues if ``flush_interval_ms`` has passed since the last export
         (cheap otherwise). Threaded mode: nothing; a network export must never run on the caller's
         thread (the API process calls this on its event loop)."""
-        if self.inline and self._queue and time.monotonic() >= self._due:
+        if self.inline and (self.rows or self.trees or self.sdk) and time.monotonic() >= self._due:
             self.flush()
 
     def _run(self) -> None:
@@ -225,11 +261,10 @@ class Recorder:
 
     def flush(self) -> None:
         """Export everything queued so far (from any thread)."""
-        queue = self._queue
+        rows, trees, sdk = self.rows, self.trees, self.sdk
         with self._export_lock:
-            while queue:
-                chunk = [queue.popleft() for _ in range(min(CHUNK, len(queue)))]
-                self.sink.export(chunk)
+            while rows or trees or sdk:
+                self.sink.write(_take(rows), _take(trees), _take(sdk))
             self._due = time.monotonic() + self.flush_interval_s
         if self.dropped:
             log.warning("tracing: %d spans dropped (tracing.max_queue_size=%d is full)",

@@ -10,7 +10,7 @@ Two implementations behind one interface (``server.transport``):
   ``MPQueueTransport`` for answers), kept for comparison.
 
 Messages are orjson bytes (never pickle): requests ``{"id", "to", "items", "dl", "t"}`` (plus
-``"tw"``, when it was queued, if the request's trace is sampled), answers ``{"id", "out"}`` or
+``"s"`` if the request's trace is sampled), answers ``{"id", "out"}`` or
 ``{"id", "err": {"status", "error", "detail"}}`` (for a sampled request followed by a newline and
 the worker's spans as a JSON array), and control messages ``{"dead": worker_id}`` when a worker dies.
 """
