@@ -306,6 +306,17 @@ def test_the_worker_answers_a_sampled_request_with_its_spans_and_drops_a_malform
     assert wait[0] == "queue.wait" and abs(wait[1] - 5_000) <= 1 and wait[2:] == [10_000, None, -1, None]
 
 
+def test_a_chunk_that_cannot_be_written_is_logged_not_raised_into_the_request(tmp_path, caplog):
+    tracing.init_tracing(TracingConfig(exporter="file", max_queue_size=2), RESOURCE, str(tmp_path))
+    request = tracing.start_request("POST /predict", {}, {})
+    tracing.record("odd", request.ref, 1, 2, {"huge": 2**70})  # JSON has no 70-bit integers
+    request.end(200)  # fills the queue: this call writes the chunk, and must not fail
+    assert "cannot write spans" in caplog.text
+    tracing.start_request("POST /predict", {}, {}).end(200)
+    tracing.shutdown()
+    assert [s["name"] for s in read_lines(tmp_path / "traces.jsonl")] == ["POST /predict"]  # later spans still land
+
+
 def test_record_follows_the_parent_sampling_and_marks_errors(tmp_path):
     sampled = tracing.parse_traceparent({"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"})
     unsampled = tracing.parse_traceparent({"traceparent": "00-" + "3" * 32 + "-" + "4" * 16 + "-00"})

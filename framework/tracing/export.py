@@ -111,16 +111,18 @@ class JsonLinesSpanExporter(SpanExporter):
 
     def write(self, rows: Sequence[tuple], trees: Sequence[tuple], sdk_spans: Sequence[ReadableSpan]) -> None:
         """What the recorder calls with each chunk (see :class:`Recorder`)."""
-        self._write(self.encode(rows, trees, sdk_spans))
+        self._write(rows, trees, sdk_spans)
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
         """The SDK exporter interface, for spans of other tracers."""
-        return self._write(self.encode(sdk_spans=spans))
+        return self._write((), (), spans)
 
-    def _write(self, data: bytes) -> SpanExportResult:
+    def _write(self, rows: Sequence[tuple], trees: Sequence[tuple], sdk_spans: Sequence[ReadableSpan]) \
+            -> SpanExportResult:
         if self._fd is None:
             return SpanExportResult.FAILURE
-        try:
+        try:  # encoding too: in the file exporter this runs on a request's own path
+            data = self.encode(rows, trees, sdk_spans)
             with self._write_lock:
                 view = memoryview(data)
                 while view:  # a regular file takes it all at once; loop only for the pathological case
