@@ -8,7 +8,7 @@ Why: on a shared 2-core VM, requests/s and CPU seconds move by +-15-25% between 
 more than the effects worth measuring (tracing's goal is 5%). Instructions do not: each server runs
 under valgrind's callgrind, its counters are zeroed after a warm-up, ``--requests`` requests are
 sent, and the instructions every API process and every worker executed meanwhile are divided by
-the requests served. Two runs of one configuration agree to about 0.5%.
+the requests served. Two runs of one configuration agree to about 1%.
 
 What it does not see: time in the kernel (socket and file system calls), cache misses, and the
 load generator. So it ranks Python-level work exactly, and complements ``server_cpu.py`` (CPU time,

@@ -211,6 +211,7 @@ def test_client_traceparent_is_continued_and_tracestate_travels_on(tmp_path):
     span = tracing.start_request("server", incoming, {})
     header = span.ref.traceparent()
     assert re.fullmatch(r"00-4bf92f3577b34da6a3ce929d0e0e4736-[0-9a-f]{16}-01", header)
+    assert span.header == header.encode()  # the response header the server sends
     assert tracing.carrier() == {"traceparent": header, "tracestate": "v=1"}  # vendor state travels on
     span.end(200)
     assert tracing.current() is None  # ended: no longer current
