@@ -104,6 +104,27 @@ def wrk_throughput(url: str, path: str, body: bytes, connections: int = 16, seco
     return {"rps": rps, "non_2xx": errors, "requests": requests, "connections": connections, "seconds": seconds}
 
 
+def send_requests(url: str, requests: int, concurrency: int, body: bytes, path: str = "/predict") -> None:
+    """``requests`` POSTs of ``body`` over ``concurrency`` keep-alive connections; any answer but 200
+    raises (a benchmark must not count errors as work)."""
+    import concurrent.futures
+
+    def one_connection(n: int) -> None:
+        client = BlockingClient(url)
+        try:
+            for _ in range(n):
+                status, _, _ = client.post(path, body)
+                if status != 200:
+                    raise RuntimeError(f"the server answered {status}")
+        finally:
+            client.close()
+
+    shares = [requests // concurrency + (i < requests % concurrency) for i in range(concurrency)]
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        for future in [pool.submit(one_connection, n) for n in shares]:
+            future.result()
+
+
 def machine() -> dict:
     import os
 

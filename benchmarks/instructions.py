@@ -21,7 +21,6 @@ same ``NAME=override,...,ENV:K=V,CODE:/path`` form as ``server_cpu.py``.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import shutil
 import subprocess
 import sys
@@ -32,29 +31,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import BlockingClient, machine, parse_variant, server_pids, write_results  # noqa: E402
+from benchmarks._common import machine, parse_variant, send_requests, server_pids, write_results  # noqa: E402
 from framework.launch import ServerProcess  # noqa: E402
 
 COMMON = ["model=echo", "cache=none", "batching=none", "hardware=cpu", "server.log_level=info"]
 BODY = b'{"input": "hello"}'
-
-
-def send(url: str, requests: int, concurrency: int) -> None:
-    """``requests`` POSTs over ``concurrency`` keep-alive connections (the client is not measured)."""
-    def one_connection(n: int) -> None:
-        client = BlockingClient(url)
-        try:
-            for _ in range(n):
-                status, _, _ = client.post("/predict", BODY)
-                if status != 200:
-                    raise RuntimeError(f"the server answered {status}")
-        finally:
-            client.close()
-
-    shares = [requests // concurrency + (i < requests % concurrency) for i in range(concurrency)]
-    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
-        for future in [pool.submit(one_connection, n) for n in shares]:
-            future.result()
 
 
 def instructions_since_zero(out_dir: Path, pid: int) -> int:
@@ -82,11 +63,11 @@ def measure(name: str, overrides: list[str], env: dict, code_root: str | None, r
     try:
         server.start()
         api, workers = server_pids(server)
-        send(server.url, warmup, concurrency)
+        send_requests(server.url, warmup, concurrency, BODY)
         pids = [str(p) for p in api + workers]
         subprocess.run(["callgrind_control", "--zero", *pids], check=True, capture_output=True)
         started = time.monotonic()
-        send(server.url, requests, concurrency)
+        send_requests(server.url, requests, concurrency, BODY)
         seconds = time.monotonic() - started
         subprocess.run(["callgrind_control", "--dump", *pids], check=True, capture_output=True)
         time.sleep(1.0)  # the dump is written by the process itself, asynchronously
