@@ -154,11 +154,11 @@ class BatchRunner:
     def _fail(self, req: Pending, exc: Exception, start_mono: float, start_ns: int) -> None:
         if isinstance(exc, RequestError):
             status, error, detail = exc.status, exc.message, {"field": exc.field} if exc.field else None
+            failure = None  # the client's error, not the batch's (HTTP conventions: 4xx leaves it unset)
         else:
             log.exception("model failure on request %s", req.id)
             status, error, detail = 500, "model failure", f"{type(exc).__name__}: {exc}"
-        # A bad request is the client's error, not the batch's (HTTP conventions: 4xx leaves it unset).
-        failure = exception_attributes(exc) if not isinstance(exc, RequestError) else None
+            failure = exception_attributes(exc)
         answer = error_message(req.id, status, error, detail)
         if req.sampled:
             answer = with_spans(answer, self._spans(req.n, 1, None, start_ns, failure), req, start_mono, start_ns)

@@ -61,8 +61,8 @@ from framework.tracing.context import (
     ZERO_SPAN_ID,
     ZERO_TRACE_ID,
     SpanRef,
-    new_ids,
     new_span_id,
+    new_trace_id,
     parse_raw_traceparent,
     parse_traceparent,
     ratio_sampled,
@@ -386,7 +386,7 @@ def start_request(name: str, headers: Mapping[str, Any] | list | None, attribute
         ids = _getrandbits(192).to_bytes(24, "big").hex()  # trace id and span id from one draw
         trace_id, span_id = ids[:32], ids[32:]
         if trace_id == ZERO_TRACE_ID or span_id == ZERO_SPAN_ID:  # invalid ids; once in 2**64 draws
-            trace_id, span_id = new_ids()
+            trace_id, span_id = new_trace_id(), new_span_id()  # each never all zeros
         sampled = state.sample_all or ratio_sampled(trace_id, state.ratio)
         span.trace_state = None
     else:

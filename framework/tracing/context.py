@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["ZERO_SPAN_ID", "ZERO_TRACE_ID", "SpanRef", "new_ids", "new_span_id", "new_trace_id",
+__all__ = ["ZERO_SPAN_ID", "ZERO_TRACE_ID", "SpanRef", "new_span_id", "new_trace_id",
            "parse_raw_traceparent", "parse_traceparent", "ratio_sampled"]
 
 _TRACEPARENT = re.compile(r"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?")
@@ -61,14 +61,6 @@ def new_trace_id() -> str:
 def new_span_id() -> str:
     return (_getrandbits(64) or 1).to_bytes(8, "big").hex()
 
-
-def new_ids() -> tuple[str, str]:
-    """A new trace id and span id from one random draw (the request path's case)."""
-    bits = _getrandbits(192).to_bytes(24, "big").hex()
-    trace_id, span_id = bits[:32], bits[32:]
-    if trace_id == ZERO_TRACE_ID or span_id == ZERO_SPAN_ID:  # invalid ids; once in 2**64 draws
-        return new_trace_id(), new_span_id()
-    return trace_id, span_id
 
 
 def parse_traceparent(carrier: Mapping[str, Any] | None) -> SpanRef | None:
