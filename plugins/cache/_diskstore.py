@@ -9,6 +9,12 @@ folder whose content we did not write ourselves:
   keeps) and refuses to pickle or unpickle anything: a pickled row is reported and dropped.
 * **Every value is framed** as ``MAGIC + crc32 + payload``: a truncated file, garbage written into a
   row or a value file is detected, logged and treated as a miss (the entry is deleted), never served.
+* **A row's file name never reaches the filesystem unchecked.** diskcache keeps large values in
+  files named by the row (``filename`` column) and, when an entry is dropped, removes that file and
+  its emptied parent folders. A planted ``../../somewhere`` would make a cache lookup read or delete
+  any file the server can write. ``BytesOnlyDisk`` opens or removes a file only when its name has the
+  exact shape diskcache writes (``ab/cd/<28 hex>.val``) and resolves inside the cache folder; any
+  other name (or a file mode with no name) is a miss, and the row is dropped without touching a file.
 * **The folder is private.** It is created with mode 0700. If it exists with group/other permission
   bits, they are removed (with a warning); if another user owns it, the store refuses to open it,
   because that user could plant or read responses.
@@ -22,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sqlite3
 import stat
 import struct
@@ -47,6 +54,9 @@ MIN_FILE_SIZE = 1 << 20
 DB_TIMEOUT_S = 1.0
 EVICTION_POLICIES = tuple(diskcache.core.EVICTION_POLICY)
 DB_FILES = ("cache.db", "cache.db-wal", "cache.db-shm")
+# The only value-file names diskcache's ``Disk.filename`` produces: two levels of two hex digits, then
+# 28 hex digits and ".val". Anything else in a row's ``filename`` column was not written by us.
+_VALUE_FILE_NAME = re.compile(r"[0-9a-f]{2}/[0-9a-f]{2}/[0-9a-f]{28}\.val")
 
 
 class UnsafeEntry(Exception):
@@ -101,7 +111,32 @@ class BytesOnlyDisk(diskcache.Disk):
             raise UnsafeEntry("a value stored pickled")
         if mode not in (MODE_RAW, MODE_BINARY, MODE_TEXT):
             raise UnsafeEntry(f"unknown storage mode {mode!r}")
+        if mode != MODE_RAW and self.value_file(filename) is None:
+            raise UnsafeEntry(f"its value file name {filename!r} is not one this cache writes")
         return super().fetch(mode, filename, value, read)
+
+    def remove(self, file_path: Any) -> None:
+        """Remove a value file, only if its name is one diskcache wrote inside the folder.
+
+        diskcache calls this with the ``filename`` column of every row it drops (delete, eviction,
+        expiry, clear), so the name is untrusted: a refused one is logged and left alone.
+        """
+        if self.value_file(file_path) is None:
+            log.warning("response cache: refused to remove %r: not a value file name this cache writes "
+                        "(a planted row?); the row was dropped and no file was touched", file_path)
+            return
+        super().remove(file_path)
+
+    def value_file(self, filename: Any) -> str | None:
+        """The full path of a row's value file, or ``None`` when the name is not safe to use."""
+        if type(filename) is not str or not _VALUE_FILE_NAME.fullmatch(filename.replace(os.sep, "/")):
+            return None
+        root = os.path.realpath(self._directory)
+        full = os.path.realpath(os.path.join(root, filename))
+        # A folder inside the cache replaced by a symlink would lead the name outside: refuse it too.
+        if os.path.commonpath([root, full]) != root:
+            return None
+        return full
 
 
 # --------------------------------------------------------------------------------------- folder
