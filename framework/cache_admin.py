@@ -13,15 +13,12 @@ from framework.plugin import CachePlugin
 
 
 def _open(cache: CachePlugin) -> None:
-    # A plugin may open just its store for admin work (the semantic cache skips loading its
-    # embedder and rebuilding its index); otherwise the ordinary open().
-    opener = getattr(cache, "open_store", None)
-    (opener if callable(opener) else cache.open)()
+    # Just the store for admin work (the semantic cache skips loading its embedder).
+    cache.open_store()
 
 
 def _in_process_only(cache: CachePlugin) -> bool:
-    # Plugins that keep entries inside each server process say so with ``shared_across_processes``.
-    return not getattr(cache, "shared_across_processes", True)
+    return not cache.shared_across_processes
 
 
 def cache_stats(cache_plugin: CachePlugin) -> dict:

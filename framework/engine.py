@@ -79,10 +79,6 @@ def _ms(start: float) -> float:
     return round((time.perf_counter() - start) * 1000.0, 1)
 
 
-def _scheme_name(quantization: QuantizationPlugin) -> str:
-    return str(getattr(quantization, "scheme", "") or type(quantization).__name__)
-
-
 def _calibration_file_items(model: ModelPlugin, path: str) -> list[Any]:
     """Request bodies from a JSON list or a JSONL file, decoded by the model like real requests."""
     text = Path(path).expanduser().read_text()
@@ -138,7 +134,7 @@ def quality_gate(model: ModelPlugin, reference: Any, quantization: QuantizationP
     ``QualityGateError`` when the measured value is below ``quantization.min_quality``.
     """
     items = list(model.calibration_items() or [])
-    path = getattr(quantization.config, "calibration_file", None)
+    path = quantization.calibration_file
     if path:
         items += _calibration_file_items(model, path)
     if not items:
@@ -156,7 +152,7 @@ def quality_gate(model: ModelPlugin, reference: Any, quantization: QuantizationP
     if value is None:
         return {"quality": quality or None, "quality_gate": "skipped: the model defines no quality measure"}
     if floor is not None and value < floor:
-        raise QualityGateError(_scheme_name(quantization), value, floor, quality)
+        raise QualityGateError(quantization.scheme_name, value, floor, quality)
     return {"quality": quality, "quality_gate": "passed" if floor is not None else "measured (no floor)"}
 
 
@@ -174,7 +170,7 @@ def prepare_model(model: ModelPlugin, quantization: QuantizationPlugin, hardware
     "warmup_ms", "startup_ms", "quantization_summary"}``.
     """
     started = _now()
-    scheme = _scheme_name(quantization)
+    scheme = quantization.scheme_name
     report: dict = {"device": str(device), "quantization": scheme, "min_quality": quantization.min_quality}
 
     t = _now()
@@ -198,7 +194,7 @@ def prepare_model(model: ModelPlugin, quantization: QuantizationPlugin, hardware
                                f"{type(exc).__name__}: {exc}") from exc
     _sync(device)
     report["quantize_ms"] = _ms(t)
-    report["quantization_summary"] = dict(getattr(quantization, "summary", {}) or {})
+    report["quantization_summary"] = dict(quantization.summary or {})
 
     t = _now()
     if reference is None:

@@ -163,10 +163,28 @@ class QuantizationPlugin(Plugin):
     """Rewrites a loaded ``torch.nn.Module`` to another numeric format."""
 
     kind: ClassVar[str] = "quantization"
+    #: the scheme's name in reports, traces and errors (``int8_dynamic``); the class name if empty.
+    scheme: ClassVar[str] = ""
+
+    def __init__(self, config: Any | None = None):
+        super().__init__(config)
+        #: what the last ``apply`` did (layers rewritten, kept in full precision...), for the
+        #: worker's start-up report and ``/info``; set by ``apply``.
+        self.summary: dict = {}
 
     def apply(self, module: Any, device: str) -> Any:
         """Return the rewritten module (may rewrite in place)."""
         return module
+
+    @property
+    def scheme_name(self) -> str:
+        return self.scheme or type(self).__name__
+
+    @property
+    def calibration_file(self) -> str | None:
+        """A JSON list or JSONL file of request bodies the quality gate runs besides the model's own
+        calibration items (``quantization.calibration_file``); ``None`` for none."""
+        return getattr(self.config, "calibration_file", None)
 
     def is_identity(self) -> bool:
         """True when ``apply`` leaves the numbers as they are (no quality gate needed)."""
@@ -231,13 +249,28 @@ class CachePlugin(Plugin):
     """Answers requests without touching the model. Runs in every API process."""
 
     kind: ClassVar[str] = "cache"
+    #: True when ``get``/``put`` may take milliseconds (embedding a request, a network round trip):
+    #: the API process then calls them in a thread instead of on its event loop. Exact local stores
+    #: answer in microseconds and are best called inline.
+    lookup_may_block: ClassVar[bool] = False
 
     @property
     def enabled(self) -> bool:
         return True
 
+    @property
+    def shared_across_processes(self) -> bool:
+        """True when every API process (and ``hydraserve cache``) sees the same entries; False for a
+        store inside each process, whose statistics the CLI then cannot report."""
+        return True
+
     def open(self) -> None:
         """Open the store; called in each API process after it starts (after fork)."""
+
+    def open_store(self) -> None:
+        """Open only what admin commands (``hydraserve cache stats|clear``) need; by default ``open``.
+        A plugin whose ``open`` does heavy work (loading an embedder) opens just its storage here."""
+        self.open()
 
     def close(self) -> None:
         pass

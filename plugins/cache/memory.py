@@ -32,7 +32,7 @@ class MemoryCacheConfig:
 
 class MemoryCache(CachePlugin):
     Config = MemoryCacheConfig
-    shared_across_processes = False  # read by `hydraserve cache stats`
+    shared_across_processes = False  # each API process has its own LRU
 
     _store: MemoryStore | None = None
     _open_lock = threading.Lock()

@@ -118,7 +118,7 @@ class SemanticCache(CachePlugin):
     lookup_may_block = True
 
     @property
-    def shared_across_processes(self) -> bool:  # read by `hydraserve cache stats`
+    def shared_across_processes(self) -> bool:
         return self.config.store == "disk"
 
     # --- lifecycle ----------------------------------------------------------------------------

@@ -282,12 +282,6 @@ def quantize_linears(module: Any, ao_config: Any, cfg: QuantConfig,
 class SchemePlugin(QuantizationPlugin):
     """Base of the built-in schemes: ``scheme`` names the entry in the support table."""
 
-    scheme: str = ""
-
-    def __init__(self, config: Any | None = None):
-        super().__init__(config)
-        self.summary: dict = {}  # what the last ``apply`` did, for the start-up report and /info
-
     def check(self, ctx: CheckContext) -> list[str]:
         return check_scheme(self.scheme, self, ctx)
 
