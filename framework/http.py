@@ -106,7 +106,7 @@ class Gateway:
         if self.tracing_on:
             self._span_flusher = asyncio.get_running_loop().create_task(self._flush_spans_periodically())
         self.cache_on = self.cache.enabled
-        self.cache_blocks = bool(getattr(self.cache, "lookup_may_block", False))
+        self.cache_blocks = self.cache.lookup_may_block
         self.streams = self.model.streaming()
         if self.cache_on:
             self.cache.open()
