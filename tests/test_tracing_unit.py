@@ -98,6 +98,18 @@ def test_file_exporter_writes_the_request_tree_as_json_lines(tmp_path):
     assert len({s["span_id"] for s in spans}) == len(spans)  # every span has its own id
 
 
+@pytest.mark.parametrize("start_mono", [1000.0, 2369.9863, 86_400.125, time.monotonic()])
+@pytest.mark.parametrize("wait_s", [0.002, 0.000_001, 1.5])
+def test_queue_wait_is_exact_in_whole_nanoseconds_at_any_clock_value(start_mono, wait_s):
+    """Seconds on the monotonic clock become nanoseconds by rounding: int() of 0.002 s read at
+    1000.0 s gave 1,999,999 ns (and made the file exporter test above fail now and then)."""
+    queued = Pending("1", "api-1", [1], start_mono - wait_s, start_mono + 1, sampled=True)
+    batch = b'[["batch",1,2,{},-1,null]]'
+    line = with_spans(b'{"id": "1"}', batch, queued, start_mono, 10**18).partition(b"\n")[2]
+    name, start_ns, end_ns, *_ = orjson.loads(line)[-1]
+    assert name == "queue.wait" and end_ns - start_ns == round(wait_s * 1e9)
+
+
 def test_init_is_idempotent_and_absolute_paths_are_kept(tmp_path):
     path = tmp_path / "elsewhere" / "t.jsonl"
     cfg = TracingConfig(exporter="file", path=str(path))
