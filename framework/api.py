@@ -65,6 +65,7 @@ class ComposedAPI(ls.LitAPI):
         try:
             self.resolved = validate(self.raw_config)
             r = self.resolved
+            log_to_server_log(r.server.log_level)
             tracing.init_tracing(r.tracing, resource_attributes(r), self.output_dir)
             self.report = {"worker": worker_id, "pid": os.getpid(), "device": str(device)}
             self.report.update(prepare_model(r.model, r.quantization, r.hardware, str(device),
@@ -73,7 +74,8 @@ class ComposedAPI(ls.LitAPI):
             self.channel = self.loop.factory.worker_channel(int(worker_id))
             tune_gc(r.server.gc_freeze, r.server.gc_thresholds)  # the model and its modules are built
             self.report["gc"] = gc_state()
-            log.info("worker %s ready on %s: %s", worker_id, device, orjson.dumps(self.report).decode())
+            log.info("worker %s ready on %s: %s; report %s", worker_id, device, startup_summary(self.report),
+                     orjson.dumps(self.report).decode())
         except Exception as exc:
             # Tell the parent why, so `serve` can print it instead of a bare "worker failed".
             loop = self.loop
@@ -84,6 +86,32 @@ class ComposedAPI(ls.LitAPI):
     # LitServe's default hooks are never called: the fast path bypasses them by design.
     def predict(self, x: Any) -> Any:  # pragma: no cover
         raise RuntimeError("ComposedAPI.predict is not used; framework.worker runs the model")
+
+
+LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's default job logging
+
+
+def log_to_server_log(level: str = "info") -> None:
+    """A spawned worker starts with no logging set up, so its INFO lines (the start-up report)
+    were dropped; send ``hydraserve.*`` records to stderr, which is the server's log, at
+    ``server.log_level``. Nothing is added where the process already has handlers."""
+    logger = logging.getLogger("hydraserve")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logger.addHandler(handler)
+    name = str(level).upper()
+    logger.setLevel(logging.DEBUG if name == "TRACE" else getattr(logging, name, logging.INFO))
+
+
+def startup_summary(report: dict) -> str:
+    """One readable line of a worker's start-up report: quality gate, compilation, timings."""
+    return (f"quantization={report.get('quantization')} quality={report.get('quality')} "
+            f"(min {report.get('min_quality')}, gate: {report.get('quality_gate')}), "
+            f"compile={report.get('compile_mode')} in {report.get('compile_ms')} ms, "
+            f"warm-up {report.get('warmup_ms')} ms for batch sizes {report.get('warmup_batch_sizes')}, "
+            f"start-up {report.get('startup_ms')} ms")
 
 
 def resource_attributes(r: Resolved) -> dict:
