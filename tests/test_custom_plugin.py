@@ -130,3 +130,15 @@ def test_installed_plugin_is_served_over_http(site_dir: Path, serve) -> None:
     assert "evresardyh" in r.text.lower()
     info = httpx.get(server.url + "/info", timeout=30).json()
     assert info["plugins"]["model"]["origin"].startswith("hydraserve-example-plugin")
+
+
+def test_the_example_plugins_own_conformance_tests_pass(site_dir: Path) -> None:
+    """What a plugin author runs: their package installed, their tests calling framework.testing."""
+    import os
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site_dir), str(EXAMPLE.parent.parent)])}
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir",
+                           str(EXAMPLE), str(EXAMPLE / "tests")], env=env, capture_output=True, text=True,
+                          timeout=240)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 passed" in done.stdout
