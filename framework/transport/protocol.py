@@ -1,0 +1,198 @@
+"""The wire protocol between API processes and inference workers: the one place frames are built and read.
+
+Every message that crosses the process boundary is encoded and decoded here; the HTTP side
+(``framework/http.py``, the dispatcher), the worker loop and the transports never build or parse a
+frame themselves. Frames are orjson bytes (never pickle). A transport moves them as opaque bytes.
+
+API process -> worker:
+
+* **request** ``{"id", "to", "items", "t", "dl"[, "s"]}``: ``to`` is the reply address, ``t`` the
+  monotonic time the API process queued it, ``dl`` the monotonic deadline after which the client has
+  already been answered 504, ``s`` present when the request's trace is sampled.
+* **cancel** ``{"cancel": id}``: the client went away; drop the request wherever it is.
+
+Worker -> API process (each a *reply*):
+
+* **answer** ``{"id", "out": [one output per item]}``
+* **error** ``{"id", "err": {"status", "error", "detail"}}``
+* **chunk** ``{"id", "chunk": ...}`` one piece of a streamed answer; **end** ``{"id", "end": true}``
+* a sampled request's answer or error is followed by a newline and its worker spans, a JSON array of
+  ``tracing.record_tree`` entries. orjson never writes a newline inside its output, so the API process
+  splits the trailer off without parsing it, and the file exporter writes it as it is.
+
+Transport -> API process: **worker dead** ``{"dead": worker}`` when a worker's connection closes.
+
+Monotonic clocks are shared by every process on a machine, so ``t`` and ``dl`` travel as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+__all__ = [
+    "ProtocolError",
+    "Reply",
+    "RequestFrame",
+    "attach_spans",
+    "decode_control",
+    "decode_reply",
+    "decode_request",
+    "encode_answer",
+    "encode_cancel",
+    "encode_chunk",
+    "encode_end",
+    "encode_error",
+    "encode_request",
+    "encode_worker_dead",
+]
+
+_NUMPY = orjson.OPT_SERIALIZE_NUMPY
+
+
+class ProtocolError(ValueError):
+    """A frame that does not follow this protocol; receivers drop it (and log), never crash."""
+
+
+# ------------------------------------------------------------------------ API process -> worker
+@dataclass(slots=True)
+class RequestFrame:
+    """A queued request as the worker sees it."""
+
+    id: str
+    reply_to: str | int
+    items: list
+    arrival: float  # time.monotonic() when the API process queued it
+    deadline: float  # time.monotonic() after which the client has already been answered 504
+    sampled: bool  # its trace is sampled: its answer then carries the worker's span timings
+
+    @property
+    def n(self) -> int:
+        return len(self.items)
+
+
+def encode_request(rid: str, reply_to: str | int, items: list, arrival: float, deadline: float,
+                   sampled: bool) -> bytes:
+    message: dict[str, Any] = {"id": rid, "to": reply_to, "items": items, "t": arrival, "dl": deadline}
+    if sampled:
+        message["s"] = 1
+    return orjson.dumps(message)
+
+
+def decode_request(raw: bytes) -> RequestFrame:
+    """The request in ``raw``; ``ProtocolError`` naming what is wrong when it is not one."""
+    try:
+        msg = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"request frame is not JSON: {exc}") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError(f"request frame must be an object, got {type(msg).__name__}")
+    rid, reply_to, items = msg.get("id"), msg.get("to"), msg.get("items")
+    if not isinstance(rid, str):
+        raise ProtocolError("request frame has no string 'id'")
+    if type(reply_to) not in (str, int):
+        raise ProtocolError("request frame has no reply address 'to'")
+    if not isinstance(items, list) or not items:
+        raise ProtocolError("request frame has no non-empty 'items' list")
+    arrival, deadline = msg.get("t"), msg.get("dl")
+    # A queued time that is not a number would break the batcher's arithmetic later: refuse it here.
+    if type(arrival) not in (int, float) or type(deadline) not in (int, float):
+        raise ProtocolError("request frame's 't' and 'dl' must be numbers (monotonic seconds)")
+    return RequestFrame(rid, reply_to, items, float(arrival), float(deadline), "s" in msg)
+
+
+def encode_cancel(rid: str) -> bytes:
+    return orjson.dumps({"cancel": rid})
+
+
+def decode_control(raw: bytes) -> str | None:
+    """The request id of a cancel frame, or ``None`` when ``raw`` is not a control frame (a request)."""
+    if not raw.startswith(b'{"cancel":'):
+        return None
+    try:
+        rid = orjson.loads(raw)["cancel"]
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        raise ProtocolError("malformed cancel frame") from None
+    if not isinstance(rid, str):
+        raise ProtocolError("cancel frame's id must be a string")
+    return rid
+
+
+# ------------------------------------------------------------------------ worker -> API process
+def encode_answer(rid: str, outputs: list) -> bytes:
+    return orjson.dumps({"id": rid, "out": outputs}, option=_NUMPY)
+
+
+def encode_error(rid: str, status: int, error: str, detail: Any = None) -> bytes:
+    return orjson.dumps({"id": rid, "err": {"status": status, "error": error, "detail": detail}}, option=_NUMPY)
+
+
+def encode_chunk(rid: str, chunk: Any) -> bytes:
+    return orjson.dumps({"id": rid, "chunk": chunk}, option=_NUMPY)
+
+
+def encode_end(rid: str) -> bytes:
+    return orjson.dumps({"id": rid, "end": True})
+
+
+def encode_worker_dead(worker: int) -> bytes:
+    return orjson.dumps({"dead": worker})
+
+
+def attach_spans(reply: bytes, batch_spans: bytes, queued_ns: int, start_ns: int) -> bytes:
+    """``reply`` followed by a newline and the request's spans: the batch's (a JSON array of
+    ``tracing.record_tree`` entries, serialized once per batch) plus the request's own ``queue.wait``
+    from ``queued_ns`` to ``start_ns``, appended without re-serializing the batch's entries."""
+    return b'%s\n%s,["queue.wait",%d,%d,null,-1,null]]' % (reply, batch_spans[:-1], queued_ns, start_ns)
+
+
+@dataclass(slots=True)
+class Reply:
+    """A decoded reply: ``kind`` is "out", "err", "chunk", "end" or "dead"; ``body`` the message."""
+
+    kind: str
+    body: dict
+    spans: bytes | None = None  # a sampled request's worker spans (a JSON array), unparsed
+
+    @property
+    def id(self) -> str | None:
+        return self.body.get("id")
+
+    @property
+    def final(self) -> bool:
+        """True when nothing more will come for this request (an answer, an error or a stream's end)."""
+        return self.kind in ("out", "err", "end")
+
+
+_KINDS = ("out", "err", "chunk", "end")
+
+
+def decode_reply(raw: bytes) -> Reply:
+    """The reply in ``raw`` (its span trailer split off unparsed); ``ProtocolError`` if malformed."""
+    head, newline, spans = raw.partition(b"\n")
+    try:
+        msg = orjson.loads(head)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"reply frame is not JSON: {exc}") from None
+    if not isinstance(msg, dict):
+        raise ProtocolError(f"reply frame must be an object, got {type(msg).__name__}")
+    if "dead" in msg:
+        if type(msg["dead"]) is not int:
+            raise ProtocolError("worker-dead frame must name an integer worker")
+        return Reply("dead", msg)
+    if not isinstance(msg.get("id"), str):
+        raise ProtocolError("reply frame has no string 'id'")
+    kind = next((k for k in _KINDS if k in msg), None)
+    if kind is None:
+        raise ProtocolError(f"reply frame has none of {', '.join(_KINDS)}")
+    if kind == "out" and not isinstance(msg["out"], list):
+        raise ProtocolError("answer frame's 'out' must be a list")
+    if kind == "err":
+        err = msg["err"]
+        if not isinstance(err, dict) or type(err.get("status")) is not int or not isinstance(err.get("error"), str):
+            raise ProtocolError("error frame's 'err' must hold an integer 'status' and a string 'error'")
+    if newline and not (spans.startswith(b"[") and spans.endswith(b"]")):
+        raise ProtocolError("a reply's span trailer must be a JSON array")
+    return Reply(kind, msg, spans if newline else None)

@@ -1,0 +1,102 @@
+"""The wire protocol between API processes and workers: each frame type round-trips, every malformed
+frame is refused with a ProtocolError (which receivers log and drop), never another exception."""
+
+from __future__ import annotations
+
+import numpy as np
+import orjson
+import pytest
+
+from framework.transport import protocol as p
+
+
+def test_request_round_trip_sampled_and_not():
+    for sampled in (True, False):
+        frame = p.decode_request(p.encode_request("r1", 3, ["a", {"b": 1}], 10.5, 40.5, sampled))
+        assert (frame.id, frame.reply_to, frame.items, frame.arrival, frame.deadline, frame.sampled) == \
+            ("r1", 3, ["a", {"b": 1}], 10.5, 40.5, sampled)
+        assert frame.n == 2
+    assert p.decode_request(p.encode_request("r2", "/tmp/sock", [1], 1, 2, False)).reply_to == "/tmp/sock"
+
+
+def test_answer_round_trip_with_numpy_outputs():
+    reply = p.decode_reply(p.encode_answer("r1", [np.array([0.5, 1.0], dtype=np.float32), "x"]))
+    assert (reply.kind, reply.id, reply.body["out"], reply.spans, reply.final) == ("out", "r1", [[0.5, 1.0], "x"],
+                                                                                  None, True)
+
+
+def test_error_round_trip():
+    reply = p.decode_reply(p.encode_error("r1", 422, "bad input", {"field": "input"}))
+    assert reply.kind == "err" and reply.final
+    assert reply.body["err"] == {"status": 422, "error": "bad input", "detail": {"field": "input"}}
+
+
+def test_stream_chunk_and_end_round_trip():
+    chunk = p.decode_reply(p.encode_chunk("r1", {"text": "hel"}))
+    assert (chunk.kind, chunk.body["chunk"], chunk.final) == ("chunk", {"text": "hel"}, False)
+    end = p.decode_reply(p.encode_end("r1"))
+    assert (end.kind, end.final) == ("end", True)
+
+
+def test_worker_dead_round_trip():
+    reply = p.decode_reply(p.encode_worker_dead(2))
+    assert reply.kind == "dead" and reply.body["dead"] == 2 and reply.id is None
+
+
+def test_cancel_round_trip_and_requests_are_not_control_frames():
+    assert p.decode_control(p.encode_cancel("r9")) == "r9"
+    assert p.decode_control(p.encode_request("r1", 0, [1], 1.0, 2.0, False)) is None
+
+
+def test_span_trailer_travels_unparsed_and_appends_queue_wait():
+    batch_spans = orjson.dumps([("batch", 100, 200, {"batch.size": 2}, -1, None)])
+    framed = p.attach_spans(p.encode_answer("r1", [1]), batch_spans, 50, 100)
+    reply = p.decode_reply(framed)
+    assert reply.body == {"id": "r1", "out": [1]}
+    assert orjson.loads(reply.spans) == [["batch", 100, 200, {"batch.size": 2}, -1, None],
+                                         ["queue.wait", 50, 100, None, -1, None]]
+    errored = p.decode_reply(p.attach_spans(p.encode_error("r1", 500, "model failure"), batch_spans, 1, 2))
+    assert errored.kind == "err" and orjson.loads(errored.spans)[-1][0] == "queue.wait"
+
+
+@pytest.mark.parametrize("raw, why", [
+    (b"", "not JSON"),
+    (b"not json", "not JSON"),
+    (b"[1, 2]", "must be an object"),
+    (b'{"to": 1, "items": [1], "t": 1, "dl": 2}', "'id'"),
+    (b'{"id": 5, "to": 1, "items": [1], "t": 1, "dl": 2}', "'id'"),
+    (b'{"id": "r", "items": [1], "t": 1, "dl": 2}', "'to'"),
+    (b'{"id": "r", "to": [1], "items": [1], "t": 1, "dl": 2}', "'to'"),
+    (b'{"id": "r", "to": 1, "items": [], "t": 1, "dl": 2}', "'items'"),
+    (b'{"id": "r", "to": 1, "items": "abc", "t": 1, "dl": 2}', "'items'"),
+    (b'{"id": "r", "to": 1, "items": [1], "t": "soon", "dl": 2}', "numbers"),
+    (b'{"id": "r", "to": 1, "items": [1], "t": 1}', "numbers"),
+    (b'{"id": "r", "to": 1, "items": [1], "t": true, "dl": 2}', "numbers"),
+])
+def test_malformed_request_frames_are_refused(raw, why):
+    with pytest.raises(p.ProtocolError, match=why):
+        p.decode_request(raw)
+
+
+@pytest.mark.parametrize("raw, why", [
+    (b"", "not JSON"),
+    (b"\x00\x01", "not JSON"),
+    (b'"just a string"', "must be an object"),
+    (b'{"out": [1]}', "'id'"),
+    (b'{"id": "r"}', "none of"),
+    (b'{"id": "r", "out": 5}', "must be a list"),
+    (b'{"id": "r", "err": "boom"}', "integer 'status'"),
+    (b'{"id": "r", "err": {"status": "500", "error": "x"}}', "integer 'status'"),
+    (b'{"id": "r", "err": {"status": 500}}', "string 'error'"),
+    (b'{"dead": "w1"}', "integer worker"),
+    (b'{"id": "r", "out": [1]}\nnot spans', "JSON array"),
+])
+def test_malformed_reply_frames_are_refused(raw, why):
+    with pytest.raises(p.ProtocolError, match=why):
+        p.decode_reply(raw)
+
+
+@pytest.mark.parametrize("raw", [b'{"cancel": 5}', b'{"cancel": "r", ', b'{"cancel":null}'])
+def test_malformed_cancel_frames_are_refused(raw):
+    with pytest.raises(p.ProtocolError):
+        p.decode_control(raw)
