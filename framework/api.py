@@ -66,7 +66,7 @@ class ComposedAPI(ls.LitAPI):
             self.resolved = validate(self.raw_config)
             r = self.resolved
             log_to_server_log(r.server.log_level)
-            tracing.init_tracing(r.tracing, resource_attributes(r), self.output_dir)
+            tracing.init_tracing(r.tracing, r.resource_attributes(), self.output_dir)
             self.report = {"worker": worker_id, "pid": os.getpid(), "device": str(device)}
             self.report.update(prepare_model(r.model, r.quantization, r.hardware, str(device),
                                              batch_sizes_to_warm(r)))
@@ -112,11 +112,6 @@ def startup_summary(report: dict) -> str:
             f"compile={report.get('compile_mode')} in {report.get('compile_ms')} ms, "
             f"warm-up {report.get('warmup_ms')} ms for batch sizes {report.get('warmup_batch_sizes')}, "
             f"start-up {report.get('startup_ms')} ms")
-
-
-def resource_attributes(r: Resolved) -> dict:
-    names = r.names()
-    return {f"hydraserve.{kind}": name for kind, name in names.items()}
 
 
 def batch_sizes_to_warm(r: Resolved) -> list[int]:

@@ -76,6 +76,11 @@ class Resolved:
     def names(self) -> dict[str, str]:
         return {kind: self.raw[kind]["name"] for kind in KINDS}
 
+    def resource_attributes(self) -> dict[str, str]:
+        """The chosen plugins as OpenTelemetry resource attributes (``hydraserve.model: minilm``...),
+        the same in every process of the server: each derives them from this config."""
+        return {f"hydraserve.{kind}": name for kind, name in self.names().items()}
+
 
 def _merge_into_dataclass(
     schema: type, params: dict, prefix: str, problems: list[ConfigProblem]

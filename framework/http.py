@@ -25,6 +25,7 @@ from framework.config import Resolved
 from framework.errors import RequestError
 from framework.plugin import CacheRequest
 from framework.transport.base import ApiChannel, ChannelFactory, NoWorkerAvailable
+from framework.transport.protocol import ProtocolError, decode_reply, encode_request
 
 log = logging.getLogger("hydraserve.http")
 
@@ -92,11 +93,10 @@ class Gateway:
 
     # --- lifecycle (inside the API process) -------------------------------------------------
     async def start(self, consumer_id: int) -> None:
-        from framework.api import resource_attributes
         from framework.lifecycle import die_with_parent, tune_gc
 
         die_with_parent()  # this API process must not keep serving the port after the server is gone
-        tracing.init_tracing(self.r.tracing, resource_attributes(self.r), self.output_dir)
+        tracing.init_tracing(self.r.tracing, self.r.resource_attributes(), self.output_dir)
         self.tracing_on = tracing.enabled()
         # Each route's server span name and attributes at its start, built once (url.path is the
         # route: these routes match one path exactly).
@@ -136,19 +136,23 @@ class Gateway:
         tracing.shutdown()
 
     def _on_message(self, raw: bytes) -> None:
-        raw, _, spans = raw.partition(b"\n")  # a sampled request's answer: then its worker spans
-        msg = orjson.loads(raw)
-        if "dead" in msg:
-            self._fail_worker(int(msg["dead"]))
+        try:
+            frame = decode_reply(raw)
+        except ProtocolError as exc:  # a worker bug, never a reason to take the API process down
+            log.warning("dropping a malformed reply from a worker (%d bytes): %s", len(raw), exc)
             return
-        rid = msg.get("id")
+        msg, spans = frame.body, frame.spans
+        if frame.kind == "dead":
+            self._fail_worker(msg["dead"])
+            return
+        rid = msg["id"]
         reply = self.inflight.get(rid)
         waiting = reply is not None
         if not waiting:  # the late answer of a request already answered 504 (or of nobody's)
             reply = self._late.pop(rid, None)
         if spans and reply is not None:
             # The worker's spans of a sampled request, under the request's span. They stay the JSON
-            # the worker wrote (worker.with_spans): the file exporter writes them as they are.
+            # the worker wrote (protocol.attach_spans): the file exporter writes them as they are.
             tracing.record_tree(reply.parent, spans)
         if waiting and reply.deliver(msg):
             self.inflight.pop(rid, None)
@@ -349,13 +353,14 @@ class Gateway:
         reply = reply_factory(worker)
         self.inflight[rid] = reply
         now = time.monotonic()
-        message = {"id": rid, "to": self.channel.reply_to, "items": items, "t": now, "dl": now + timeout_s}
+        sampled = False
         if self.tracing_on:
             parent = tracing.current()
             if parent is not None and parent.sampled:  # the worker sends its span timings back with the answer
-                message["s"] = 1
+                sampled = True
                 reply.parent = parent
-        await self.channel.send(orjson.dumps(message), worker)
+        await self.channel.send(encode_request(rid, self.channel.reply_to, items, now, now + timeout_s, sampled),
+                                worker)
         return reply
 
     @staticmethod

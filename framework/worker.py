@@ -13,8 +13,6 @@ import logging
 import os
 import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Any
 
 import orjson
 
@@ -24,53 +22,42 @@ from framework.errors import RequestError
 from framework.plugin import BatchingPlugin, HardwarePlugin, ModelPlugin
 from framework.tracing.records import exception_attributes
 from framework.transport.base import WorkerChannel
+from framework.transport.protocol import (
+    ProtocolError,
+    RequestFrame,
+    attach_spans,
+    decode_request,
+    encode_answer,
+    encode_chunk,
+    encode_end,
+    encode_error,
+)
 
 log = logging.getLogger("hydraserve.worker")
 
 _IDLE_WAIT_S = 1.0  # how long one blocking receive lasts when nothing is pending (only bounds shutdown)
 
 
-@dataclass
-class Pending:
-    id: str
-    reply_to: str | int
-    items: list
-    arrival: float  # time.monotonic() when the API process queued it
-    deadline: float  # time.monotonic() after which the client has already been answered 504
-    sampled: bool  # its trace is sampled: its answer then carries the worker's span timings
-
-    @property
-    def n(self) -> int:
-        return len(self.items)
+# A queued request as the worker sees it (the protocol's request frame).
+Pending = RequestFrame
 
 
 def _parse(raw: bytes) -> Pending | None:
     try:
-        msg = orjson.loads(raw)
-        # float(): a queued time that is not a number drops the message here, not the worker's loop later.
-        return Pending(msg["id"], msg["to"], msg["items"], float(msg["t"]), float(msg["dl"]), "s" in msg)
-    except Exception:  # a malformed message is dropped, never a crash
-        log.warning("dropping a malformed request message (%d bytes)", len(raw))
+        return decode_request(raw)
+    except ProtocolError as exc:  # a malformed message is dropped, never a crash
+        log.warning("dropping a malformed request message (%d bytes): %s", len(raw), exc)
         return None
 
 
-def error_message(request_id: str, status: int, error: str, detail: Any = None) -> bytes:
-    return orjson.dumps({"id": request_id, "err": {"status": status, "error": error, "detail": detail}})
-
-
 def with_spans(answer: bytes, batch_spans: bytes, req: Pending, start_mono: float, start_ns: int) -> bytes:
-    """``answer`` followed by a newline and the request's spans: the batch's (a JSON array of
-    ``tracing.record_tree`` entries, serialized once per batch) plus its own ``queue.wait``, from
-    when the API process queued it to ``start_ns`` (``start_mono`` on the monotonic clock, which
-    every process shares: the request's queued time travels as it is, not as another clock read).
-
-    A newline cannot occur inside orjson's output, so the API process splits it off without parsing
-    the spans, and the file exporter writes them as they are.
-    """
+    """``answer`` with the request's spans attached (``protocol.attach_spans``): the batch's plus its
+    own ``queue.wait``, from when the API process queued it to ``start_ns`` (``start_mono`` on the
+    monotonic clock, which every process shares, so the queued time travels as it is)."""
     # round, not int: a float difference of seconds times 1e9 lands just below a whole number as
     # often as above it (0.002 s -> 1999999.99... ns), and int() would shave a nanosecond off.
     queued_ns = start_ns - round((start_mono - req.arrival) * 1e9)
-    return b"%s\n%s,[\"queue.wait\",%d,%d,null,-1,null]]" % (answer, batch_spans[:-1], queued_ns, start_ns)
+    return attach_spans(answer, batch_spans, queued_ns, start_ns)
 
 
 class BatchRunner:
@@ -126,7 +113,7 @@ class BatchRunner:
         for req in batch:
             out = outputs[offset:offset + req.n]
             offset += req.n
-            answer = orjson.dumps({"id": req.id, "out": out}, option=orjson.OPT_SERIALIZE_NUMPY)
+            answer = encode_answer(req.id, out)
             if req.sampled:
                 answer = with_spans(answer, spans, req, start_mono, start_ns)
             self.channel.send(req.reply_to, answer)
@@ -146,9 +133,8 @@ class BatchRunner:
             try:
                 for item in req.items:
                     for chunk in self.model.stream(item):
-                        self.channel.send(req.reply_to, orjson.dumps({"id": req.id, "chunk": chunk},
-                                                                     option=orjson.OPT_SERIALIZE_NUMPY))
-                self.channel.send(req.reply_to, orjson.dumps({"id": req.id, "end": True}))
+                        self.channel.send(req.reply_to, encode_chunk(req.id, chunk))
+                self.channel.send(req.reply_to, encode_end(req.id))
             except Exception as exc:
                 self._fail(req, exc, req_mono, start_ns)
         return time.monotonic() - start_mono
@@ -161,7 +147,7 @@ class BatchRunner:
             log.exception("model failure on request %s", req.id)
             status, error, detail = 500, "model failure", f"{type(exc).__name__}: {exc}"
             failure = exception_attributes(exc)
-        answer = error_message(req.id, status, error, detail)
+        answer = encode_error(req.id, status, error, detail)
         if req.sampled:
             answer = with_spans(answer, self._spans(req.n, 1, None, start_ns, failure), req, start_mono, start_ns)
         self.channel.send(req.reply_to, answer)
@@ -227,7 +213,7 @@ def serve_forever(model: ModelPlugin, batching: BatchingPlugin, hardware: Hardwa
             for req in [r for r in pending if r.deadline <= now]:
                 pending.remove(req)
                 pending_items -= req.n
-                channel.send(req.reply_to, error_message(req.id, 504, "deadline exceeded before compute"))
+                channel.send(req.reply_to, encode_error(req.id, 504, "deadline exceeded before compute"))
             if not pending:
                 continue
         metrics.set_queue_depth(pending_items)

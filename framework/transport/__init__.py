@@ -9,10 +9,8 @@ Two implementations behind one interface (``server.transport``):
 * ``litserve``: LitServe 0.2.19's stock path (a ``Manager().Queue()`` for requests and its
   ``MPQueueTransport`` for answers), kept for comparison.
 
-Messages are orjson bytes (never pickle): requests ``{"id", "to", "items", "dl", "t"}`` (plus
-``"s"`` if the request's trace is sampled), answers ``{"id", "out"}`` or
-``{"id", "err": {"status", "error", "detail"}}`` (for a sampled request followed by a newline and
-the worker's spans as a JSON array), and control messages ``{"dead": worker_id}`` when a worker dies.
+A transport moves frames as opaque bytes; what a frame holds (requests, cancels, answers, errors,
+stream chunks, span trailers, worker-dead notices) is ``framework/transport/protocol.py``'s alone.
 """
 
 from framework.transport.base import ApiChannel, ChannelFactory, NoWorkerAvailable, WorkerChannel

@@ -28,9 +28,8 @@ import tempfile
 import time
 from collections.abc import Callable
 
-import orjson
-
 from framework.transport.base import ApiChannel, ChannelFactory, NoWorkerAvailable, WorkerChannel
+from framework.transport.protocol import encode_worker_dead
 
 _FRAME = struct.Struct("!I")
 _READ = 1 << 20
@@ -119,7 +118,7 @@ class FastApiChannel(ApiChannel):
             self._loop.remove_reader(conn.sock.fileno())
         conn.sock.close()
         self.outstanding[worker] = 0
-        self._on_message(orjson.dumps({"dead": worker}))
+        self._on_message(encode_worker_dead(worker))
 
     def pick_worker(self) -> int | None:
         if self.num_workers == 1 and self._conns[0] is not None:  # the common case, once per request
