@@ -1,0 +1,207 @@
+"""The continuous-batching engine: ``add`` / ``cancel`` between steps, ``step`` runs one model step.
+
+Each step admits waiting sequences into free KV slots and prefills prompts (chunked to the token
+budget), runs one batched decode for every sequence whose prompt is cached, and frees the slot of
+every finished or cancelled sequence at once, so a newcomer can take it at the next step.
+
+Single-threaded by design: the caller's loop (the inference worker) calls ``add``, ``cancel`` and
+``step`` from one thread, so the engine holds no locks and a step never races a cancel.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from typing import Any
+
+import torch
+
+from framework.generation.model import BatchedCausalLM
+from framework.generation.request import (
+    EngineConfig,
+    FinishReason,
+    GenerationRequest,
+    QueueFullError,
+    RequestTooLongError,
+    StepOutput,
+)
+from framework.generation.sampling import sample_one, sample_rows
+from framework.generation.scheduler import plan_step
+from framework.generation.sequence import Sequence, Status
+from framework.generation.slots import SlotAllocator
+
+
+class GenerationEngine:
+    def __init__(self, model: BatchedCausalLM, tokenizer: Any, config: EngineConfig | None = None,
+                 eos_token_ids: list[int] | None = None):
+        self.config = config or EngineConfig()
+        problems = self.config.problems()
+        if self.config.max_num_seqs > model.max_num_seqs:
+            problems.append(("max_num_seqs", f"the model was built with {model.max_num_seqs} KV slots, "
+                             f"got {self.config.max_num_seqs}"))
+        if self.config.max_model_len > model.max_model_len:
+            problems.append(("max_model_len", f"the model's KV slots hold {model.max_model_len} positions, "
+                             f"got {self.config.max_model_len}"))
+        if problems:
+            raise ValueError("; ".join(f"{k}: {v}" for k, v in problems))
+        self.model = model
+        self.tokenizer = tokenizer
+        if eos_token_ids is None:
+            eos = getattr(tokenizer, "eos_token_id", None)
+            eos_token_ids = [] if eos is None else [eos]
+        self.eos_token_ids = frozenset(int(t) for t in eos_token_ids)
+        self._slots = SlotAllocator(self.config.max_num_seqs)
+        self._waiting: deque[Sequence] = deque()
+        self._running: list[Sequence] = []
+        self._by_id: dict[int, Sequence] = {}
+        self._cancelled: list[Sequence] = []  # reported by the next step
+        self._ids = itertools.count()
+        self.total_computed_tokens = 0
+
+    # --- requests ---------------------------------------------------------------------------------
+    def add(self, request: GenerationRequest) -> int:
+        """Queue ``request``; returns its sequence id. Raises ``RequestTooLongError`` if it can never fit,
+        ``QueueFullError`` if ``max_waiting`` requests already wait, ``ValueError`` for bad parameters."""
+        self._validate(request)
+        if len(self._waiting) >= self.config.max_waiting:
+            raise QueueFullError(f"{len(self._waiting)} requests already wait for a KV slot "
+                                 f"(max_waiting={self.config.max_waiting}); retry later")
+        seq = Sequence.create(next(self._ids), request, self.tokenizer)
+        self._waiting.append(seq)
+        self._by_id[seq.seq_id] = seq
+        return seq.seq_id
+
+    def _validate(self, request: GenerationRequest) -> None:
+        problems = [f"{k}: {v}" for k, v in request.sampling.problems()]
+        if not request.prompt_ids:
+            problems.append("prompt_ids: the prompt is empty")
+        if request.max_tokens < 1:
+            problems.append(f"max_tokens: must be >= 1, got {request.max_tokens}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        need = len(request.prompt_ids) + request.max_tokens
+        if need > self.config.max_model_len:
+            raise RequestTooLongError(
+                f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) = {need} "
+                f"exceeds max_model_len={self.config.max_model_len}; shorten the prompt or lower max_tokens")
+
+    def cancel(self, seq_id: int) -> bool:
+        """Stop ``seq_id`` now: its slot is freed before the next step, which reports it as ``cancelled``.
+        False if it is unknown or already finished."""
+        seq = self._by_id.get(seq_id)
+        if seq is None or seq.status is Status.FINISHED:
+            return False
+        if seq.status is Status.WAITING:
+            self._waiting.remove(seq)
+        else:
+            self._running.remove(seq)
+        self._finish(seq, "cancelled")
+        self._cancelled.append(seq)
+        return True
+
+    def sequence(self, seq_id: int) -> Sequence | None:
+        """The live sequence (None once finished and reported)."""
+        return self._by_id.get(seq_id)
+
+    # --- state for metrics and admission ------------------------------------------------------------
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._running or self._cancelled)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    def kv_usage(self) -> float:
+        """Fraction of KV positions in use across all slots."""
+        used = sum(s.num_cached for s in self._running)
+        return used / (self.config.max_num_seqs * self.config.max_model_len)
+
+    # --- the step ---------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        outputs = [self._output(seq, "") for seq in self._cancelled]
+        for seq in self._cancelled:
+            self._by_id.pop(seq.seq_id, None)
+        self._cancelled.clear()
+
+        plan = plan_step(self._running, self._waiting, self._slots.num_free, self.config)
+        for seq in plan.admit:
+            self._waiting.remove(seq)
+            seq.slot = self._slots.allocate()
+            seq.status = Status.PREFILL
+            self._running.append(seq)
+        if plan.decode:
+            outputs.extend(self._decode(plan.decode))
+        for seq, n in plan.prefill:
+            out = self._prefill(seq, n)
+            if out is not None:
+                outputs.append(out)
+
+        done = [s for s in self._running if s.status is Status.FINISHED]
+        if done:
+            self._running = [s for s in self._running if s.status is not Status.FINISHED]
+            for seq in done:
+                self._by_id.pop(seq.seq_id, None)
+        return outputs
+
+    def _decode(self, batch: list[Sequence]) -> list[StepOutput]:
+        # Rows in slot order: when the slots are 0..B-1 the forward attends through a view of the cache.
+        batch = sorted(batch, key=lambda s: s.slot)
+        slots = torch.tensor([s.slot for s in batch])
+        tokens = torch.tensor([s.last_token for s in batch])
+        positions = torch.tensor([s.num_cached for s in batch])
+        logits = self.model.decode(slots, tokens, positions)
+        for seq in batch:
+            seq.num_cached += 1
+            seq.computed_tokens += 1
+        self.total_computed_tokens += len(batch)
+        next_ids = sample_rows(logits, [s.request.sampling for s in batch], [s.generator for s in batch])
+        return [self._append(seq, tok) for seq, tok in zip(batch, next_ids, strict=True)]
+
+    def _prefill(self, seq: Sequence, n: int) -> StepOutput | None:
+        start = seq.num_cached
+        chunk = torch.tensor(seq.request.prompt_ids[start:start + n])
+        logits = self.model.prefill(seq.slot, chunk, start)
+        seq.num_cached += n
+        seq.computed_tokens += n
+        self.total_computed_tokens += n
+        if seq.prompt_left:
+            return None  # more chunks in the next steps
+        seq.status = Status.DECODE
+        return self._append(seq, sample_one(logits, seq.request.sampling, seq.generator))
+
+    def _append(self, seq: Sequence, token: int) -> StepOutput:
+        """Record one generated token; returns the text it releases and whether the sequence ended."""
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
+        seq.output_ids.append(token)
+        req = seq.request
+        if not req.ignore_eos and (token in self.eos_token_ids or token in req.stop_token_ids):
+            text, stopped = seq.stop.feed(seq.detokenizer.flush())
+            self._finish(seq, "stop")
+            return self._output(seq, text if stopped else text + seq.stop.flush(), token)
+        text, stopped = seq.stop.feed(seq.detokenizer.add(token))
+        if stopped:
+            self._finish(seq, "stop")
+        elif len(seq.output_ids) >= req.max_tokens:
+            tail, stopped = seq.stop.feed(seq.detokenizer.flush())
+            text += tail if stopped else tail + seq.stop.flush()
+            self._finish(seq, "stop" if stopped else "length")
+        return self._output(seq, text, token)
+
+    def _finish(self, seq: Sequence, reason: FinishReason) -> None:
+        seq.status = Status.FINISHED
+        seq.finish_reason = reason
+        if seq.slot is not None:
+            self._slots.free(seq.slot)
+            seq.slot = None
+
+    @staticmethod
+    def _output(seq: Sequence, text: str, token: int | None = None) -> StepOutput:
+        return StepOutput(seq.seq_id, text, seq.status is Status.FINISHED, seq.finish_reason,
+                          seq.prompt_len, len(seq.output_ids), () if token is None else (token,))
