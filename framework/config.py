@@ -94,7 +94,8 @@ def _merge_into_dataclass(
             problems.append(ConfigProblem(full, f"unknown key; valid keys are {hint}"))
             continue
         try:
-            OmegaConf.update(base, key, value, merge=True)
+            # Merging into a null field (an Optional dict unset) fails inside OmegaConf: set it instead.
+            OmegaConf.update(base, key, value, merge=not base._get_node(key)._is_none())
         except OmegaConfBaseException as exc:
             expected = next(f.type for f in dataclasses.fields(schema) if f.name == key)
             expected = getattr(expected, "__name__", str(expected))

@@ -319,10 +319,18 @@ class Gateway:
 
     async def _submit_split(self, items: list, timeout_s: float) -> dict:
         """A request larger than the batcher's limit is split into chunks that run as separate
-        queued requests (possibly on several workers) and are joined back in order."""
+        queued requests (possibly on several workers) and are joined back in order: 200, not 413.
+        Each chunk takes a place in the queue; a request of more chunks than the queue can ever hold
+        (``server.max_queue``) is refused with 413 rather than failing with 503 on every retry."""
         size = self.max_items
         if size is None or len(items) <= size:
             return await self._submit(items, timeout_s)
+        chunks = -(-len(items) // size)
+        if chunks > self.server.max_queue:
+            metrics.rejected("too_large")
+            return {"err": {"status": 413, "error": f"request has {len(items)} items: {chunks} batches of "
+                            f"batching.max_batch_size={size}, more than server.max_queue={self.server.max_queue}",
+                            "detail": {"field": "input"}}}
         parts = await asyncio.gather(*(self._submit(items[i:i + size], timeout_s)
                                        for i in range(0, len(items), size)))
         failed = next((p for p in parts if "err" in p), None)

@@ -222,7 +222,8 @@ class BatchingPlugin(Plugin):
         return BatchDecision(run=pending_items > 0, size=min(pending_items, self.max_batch_size))
 
     def max_request_items(self) -> int | None:
-        """Most items one request may carry (more is a 413); ``None`` leaves it to the model."""
+        """Items per queued chunk: a larger request is split into chunks of this size, run as separate
+        queued requests and joined back in order (``Gateway._submit_split``); ``None``: never split."""
         return self.max_batch_size
 
     def record(self, batch_items: int, seconds: float) -> None:

@@ -55,7 +55,9 @@ class TracingConfig:
     path: str = "traces.jsonl"  # file exporter: relative paths are under the run's output folder
     endpoint: str = "http://127.0.0.1:4318/v1/traces"
     protocol: str = "http/protobuf"
-    headers: dict = field(default_factory=dict)
+    # OTLP request headers. null in conf/tracing/otlp.yaml, not {}: Hydra refuses new keys in an existing
+    # dict (`tracing.headers={authorization: ...}` would be "not in struct"), but replaces a null.
+    headers: dict[str, str] | None = None
     timeout_s: float = 10.0
     sample_ratio: float = 1.0
     service_name: str = "hydraserve"
