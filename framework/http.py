@@ -82,7 +82,6 @@ class Gateway:
         self.model = resolved.model
         self.cache = resolved.cache
         self.max_items = resolved.batching.max_request_items()
-        self.api_key = os.environ.get(resolved.server.api_key_env) or None
         self.channel: ApiChannel | None = None
         self.inflight: dict[str, _Reply] = {}
         self._late: dict[str, _Reply] = {}  # sampled requests answered 504 whose worker may still answer
@@ -167,15 +166,6 @@ class Gateway:
                     else "the server is shutting down"}})
 
     # --- request handling ---------------------------------------------------------------------
-    def _authorized(self, request: Request) -> bool:
-        if self.api_key is None:
-            return True
-        key = request.headers.get("x-api-key")
-        if key is None:
-            auth = request.headers.get("authorization", "")
-            key = auth[7:] if auth.lower().startswith("bearer ") else None
-        return key == self.api_key
-
     async def _read_json(self, request: Request) -> dict:
         limit = self.server.max_body_bytes
         length = request.headers.get("content-length")
@@ -242,9 +232,7 @@ class Gateway:
                 span.end(status)
 
     async def _serve(self, request: Request, route: str) -> Response:
-        if not self._authorized(request):
-            return error_response(401, "missing or invalid API key",
-                                  "send it in the X-API-Key header (or Authorization: Bearer)")
+        # The API key was checked before any route (framework.security.ApiKeyMiddleware).
         try:
             body = await self._read_json(request)
             timeout_s = self._timeout_s(request)

@@ -38,8 +38,9 @@ from starlette.responses import Response
 from framework import metrics
 from framework.api import ComposedAPI
 from framework.config import Resolved
-from framework.http import Gateway, error_response, json_response
+from framework.http import Gateway, json_response
 from framework.lifecycle import die_with_parent, gc_state
+from framework.security import ApiKeyMiddleware, install_error_handlers, redact
 from framework.transport.fast import FastChannelFactory
 from framework.transport.stock import StockChannelFactory
 
@@ -73,6 +74,9 @@ class HydraServer(ls.LitServer):
             workers_per_device=hw.workers_per_device(),
             timeout=False,  # deadlines are ours (server.timeout_ms), enforced per request
             restart_workers=resolved.server.restart_workers,
+            # No /docs, /redoc, /openapi.json: every route is a plain Starlette one, absent from the
+            # schema, so they documented nothing and only widened what a client can reach.
+            disable_openapi_url=True,
         )
         skip_fastapi_telemetry(self.app)
         self.gateway: Gateway | None = None
@@ -159,6 +163,11 @@ class HydraServer(ls.LitServer):
         self.middlewares = [m for m in self.middlewares if not (isinstance(m, tuple) and m[0].__name__ ==
                                                                 "GZipMiddleware")]
         super()._register_middleware()
+        # Added last, so outermost: the API key guards every path, whatever registered it.
+        server = self.resolved.server
+        self.app.add_middleware(ApiKeyMiddleware, key=os.environ.get(server.api_key_env) or None,
+                                public_paths=tuple(server.public_paths))
+        install_error_handlers(self.app)
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI):
@@ -192,9 +201,6 @@ class HydraServer(ls.LitServer):
             body, content_type = metrics.render()
             return Response(body, media_type=content_type)
 
-        async def not_allowed(request: Request) -> Response:
-            return error_response(405, f"{request.method} is not allowed on {request.url.path}", "use POST")
-
         app.add_route("/predict", predict, methods=["POST"])
         if self.resolved.model.task == "embedding":
             app.add_route("/v1/embeddings", embeddings, methods=["POST"])
@@ -208,7 +214,7 @@ class HydraServer(ls.LitServer):
 
         reports = dict(self.reports) if getattr(self, "reports", None) is not None else {}
         engine = [orjson.loads(v) for k, v in sorted(reports.items()) if k.startswith("worker-")]
-        return {
+        return redact({  # a secret in the config (tracing.headers, a URL's password) never leaves
             "hydraserve": __version__,
             "config": self.resolved.raw,
             "plugins": plugin_versions(self.resolved),
@@ -218,4 +224,4 @@ class HydraServer(ls.LitServer):
             "transport": self.resolved.server.transport,
             "api_process": {"pid": os.getpid(), "gc": gc_state()},
             "uptime_s": round(time.time() - self.started_at, 3),
-        }
+        })

@@ -21,6 +21,8 @@ class ServerConfig:
     transport: str = "fast"  # "fast" (Unix sockets, no manager, no polling) or "litserve" (stock 0.2.19 path)
     max_body_bytes: int = 4 * 1024 * 1024
     api_key_env: str = "HYDRASERVE_API_KEY"  # when that variable is set, X-API-Key is required
+    # Paths answered without the key when one is set (exact paths); everything else needs it.
+    public_paths: list[str] = field(default_factory=lambda: ["/health"])
     timeout_ms: int = 30_000  # per-request deadline; a client may ask for less (X-Request-Timeout-Ms)
     max_queue: int = 512  # requests admitted but not answered, across API processes; then 503
     retry_after_s: int = 1
@@ -37,6 +39,10 @@ class ServerConfig:
                 len(self.gc_thresholds) != 3 or not all(isinstance(v, int) and v > 0 for v in self.gc_thresholds)):
             out.append(("gc_thresholds", f"must be three positive integers like [20000, 50, 100] (see "
                         f"gc.set_threshold), or null for Python's defaults; got {self.gc_thresholds}"))
+        bad_paths = [p for p in self.public_paths if not isinstance(p, str) or not p.startswith("/")]
+        if bad_paths:
+            out.append(("public_paths", f"every entry must be a path starting with '/' (e.g. /health), "
+                        f"got {bad_paths}"))
         if self.transport not in TRANSPORTS:
             out.append(("transport", f"must be one of {', '.join(TRANSPORTS)}, got '{self.transport}'"))
         if not 1024 <= self.port <= 65535:

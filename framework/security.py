@@ -1,0 +1,130 @@
+"""What stands between a client and the server: the API key check, JSON errors, redaction in /info.
+
+* ``ApiKeyMiddleware``: a pure ASGI middleware, outermost on the app, so one check covers every path
+  (inference routes, ``/info``, ``/metrics``, anything FastAPI or a later change adds) except
+  ``server.public_paths``. The key is compared in constant time.
+* ``install_error_handlers``: Starlette/FastAPI's own errors (404, 405, a validation error, a bug in a
+  route) answer the documented ``{"error": ..., "detail": ...}`` instead of ``{"detail": ...}``.
+* ``redact``: a copy of a config (or any JSON-like data) with the values of secret-looking keys hidden.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+from typing import Any
+
+import orjson
+
+log = logging.getLogger("hydraserve.security")
+
+REDACTED = "***"
+# A key names a secret when one of its words (split at _, -, ., spaces and camelCase) is one of these.
+SECRET_WORDS = frozenset({"headers", "header", "key", "apikey", "token", "secret", "password", "passwd",
+                          "authorization", "auth", "credential", "credentials", "cookie"})
+_WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
+_URL_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^/@\s]+@")  # http://user:password@host
+
+
+def names_secret(key: Any) -> bool:
+    """True for ``authorization``, ``api_key``, ``X-API-Key``, ``accessToken``, ``headers``...; false for
+    a key ending in ``_env``: it names the environment variable holding a secret (``api_key_env``)."""
+    if not isinstance(key, str) or key.lower().endswith("_env"):
+        return False
+    return any(word.lower() in SECRET_WORDS for word in _WORD.findall(key))
+
+
+def redact(value: Any, hide: bool = False) -> Any:
+    """A copy of ``value`` where everything under a secret-naming key is ``"***"`` (dict keys stay, so
+    a reader sees which headers are set; ``None`` stays, an unset secret is no secret). Passwords in
+    URLs (``scheme://user:password@host``) are hidden too."""
+    if isinstance(value, dict):
+        return {k: redact(v, hide or names_secret(k)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v, hide) for v in value]
+    if value is None:
+        return None
+    if hide:
+        return REDACTED
+    if isinstance(value, str) and "@" in value:
+        return _URL_PASSWORD.sub(r"\1" + REDACTED + "@", value)
+    return value
+
+
+# --------------------------------------------------------------------------------------- API key
+
+UNAUTHORIZED = orjson.dumps({"error": "missing or invalid API key",
+                             "detail": "send it in the X-API-Key header (or Authorization: Bearer)"})
+
+
+def presented_key(headers: list[tuple[bytes, bytes]]) -> bytes | None:
+    """The key a request carries: ``X-API-Key``, else ``Authorization: Bearer <key>``."""
+    bearer = None
+    for name, value in headers:
+        if name == b"x-api-key":
+            return value
+        if name == b"authorization" and bearer is None and value[:7].lower() == b"bearer ":
+            bearer = value[7:].strip()
+    return bearer
+
+
+class ApiKeyMiddleware:
+    """Every HTTP (and websocket) request needs the key except those to ``public_paths`` (exact paths).
+    ``key=None`` (no key set) lets everything through."""
+
+    def __init__(self, app, key: str | None, public_paths: tuple[str, ...] = ("/health",)):
+        self.app = app
+        self.key = key.encode() if key else None
+        self.public = frozenset(public_paths)
+
+    async def __call__(self, scope, receive, send):
+        if self.key is None or scope["type"] not in ("http", "websocket") or scope["path"] in self.public:
+            return await self.app(scope, receive, send)
+        given = presented_key(scope["headers"])
+        # compare_digest: the time taken does not depend on how many leading bytes match.
+        if given is not None and hmac.compare_digest(given, self.key):
+            return await self.app(scope, receive, send)
+        from framework import metrics
+
+        metrics.rejected("unauthorized")
+        if scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+            return
+        await send({"type": "http.response.start", "status": 401, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(UNAUTHORIZED)).encode()),
+            (b"www-authenticate", b'Bearer realm="hydraserve"')]})
+        await send({"type": "http.response.body", "body": UNAUTHORIZED})
+
+
+# ----------------------------------------------------------------------------------- error bodies
+
+
+def install_error_handlers(app) -> None:
+    """Errors raised by Starlette/FastAPI themselves answer ``{"error": ..., "detail": ...}``."""
+    from fastapi.encoders import jsonable_encoder
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+
+    from framework.http import error_response
+
+    async def http_error(request, exc: HTTPException):
+        method, path = request.method, request.url.path
+        if exc.status_code == 404:
+            error, detail = f"no endpoint at {path}", "see the endpoints in the README (POST /predict, GET /health...)"
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            error, detail = f"{method} is not allowed on {path}", f"use {allowed}" if allowed else None
+        else:
+            error, detail = str(exc.detail), None
+        return error_response(exc.status_code, error, detail, headers=exc.headers)
+
+    async def validation_error(request, exc: RequestValidationError):
+        return error_response(422, "request is not valid", jsonable_encoder(exc.errors()))
+
+    async def server_error(request, exc: Exception):  # Starlette logs the traceback after this answer
+        return error_response(500, "internal server error", "see the server log")
+
+    app.add_exception_handler(HTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(Exception, server_error)
