@@ -215,6 +215,7 @@ def serve_forever(model: ModelPlugin, batching: BatchingPlugin, hardware: Hardwa
                 pending_items -= req.n
                 channel.send(req.reply_to, encode_error(req.id, 504, "deadline exceeded before compute"))
             if not pending:
+                metrics.set_queue_depth(0)
                 continue
         metrics.set_queue_depth(pending_items)
         if log.isEnabledFor(logging.DEBUG):
@@ -230,6 +231,9 @@ def serve_forever(model: ModelPlugin, batching: BatchingPlugin, hardware: Hardwa
             batch.append(req)
             taken += req.n
         pending_items -= taken
+        # What is still waiting while this batch runs (0 once the queue drains): without this the
+        # gauge kept the depth seen before the last batch, 1 on an idle server.
+        metrics.set_queue_depth(pending_items)
         seconds = runner.run_streams(batch) if streaming else runner.run(batch)
         batching.record(taken, seconds)
         tracing.flush_if_due()  # a worker that is never idle still writes its spans on time
