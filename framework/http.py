@@ -1,16 +1,17 @@
-"""The API-process request path: decode -> cache -> admission -> queue -> wait -> encode -> cache.
+"""The HTTP side of the API process: routes, bodies, deadlines' header, the cache, status codes.
 
-One ``Gateway`` per API process, started in the app's lifespan (after fork). The error contract:
-400/422 malformed input, 401 bad API key, 413 too large, 503 + Retry-After when the queue is full,
-504 past the deadline, 500 only for a model failure. Every wait has a bound.
+One ``Gateway`` per API process, started in the app's lifespan (after fork): decode -> cache ->
+dispatch -> encode -> cache. What happens between decoded items and the worker's answer (admission,
+the in-flight table, deadlines, split/join, streams) is the ``Dispatcher``'s (``framework/dispatch.py``);
+the gateway maps its results onto the error contract: 400/422 malformed input, 401 bad API key,
+413 too large, 503 + Retry-After when the queue is full, 504 past the deadline, 500 only for a
+model failure. Every wait has a bound.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
 import time
 from typing import Any
 
@@ -22,15 +23,14 @@ from starlette.responses import Response, StreamingResponse
 from framework import metrics, openai_compat, tracing
 from framework.cache_key import cache_key, cache_scope
 from framework.config import Resolved
+from framework.dispatch import Dispatcher
 from framework.errors import RequestError
 from framework.plugin import CacheRequest
-from framework.transport.base import ApiChannel, ChannelFactory, NoWorkerAvailable
-from framework.transport.protocol import ProtocolError, decode_reply, encode_request
+from framework.transport.base import ChannelFactory
 
 log = logging.getLogger("hydraserve.http")
 
 TIMEOUT_HEADER = "x-request-timeout-ms"
-_MAX_LATE = 1024  # timed-out sampled requests remembered for their worker's late answer
 JSON = "application/json"
 ROUTES = ("/predict", "/v1/embeddings")  # the inference routes (server.py mounts them)
 
@@ -47,46 +47,14 @@ def error_response(status: int, error: str, detail: Any = None, headers: dict | 
     return json_response(body, status, headers)
 
 
-class _Reply:
-    """Waits for one answer (``future``) or, for a streamed answer, collects its messages (``queue``).
-
-    For a sampled request it also keeps the request's span (``parent``), to record the worker's spans
-    under when they arrive with the answer.
-    """
-
-    __slots__ = ("future", "queue", "worker", "parent")
-
-    def __init__(self, future: asyncio.Future | None, worker: int | None, queue: asyncio.Queue | None = None):
-        self.future = future
-        self.queue = queue
-        self.worker = worker
-        self.parent: tracing.SpanRef | None = None
-
-    def deliver(self, msg: dict) -> bool:
-        """Hand over one message; True when this was the last one."""
-        if self.queue is not None:
-            self.queue.put_nowait(msg)
-            return "end" in msg or "err" in msg
-        if not self.future.done():
-            self.future.set_result(msg)
-        return True
-
-
 class Gateway:
     def __init__(self, resolved: Resolved, factory: ChannelFactory, admitted: Any, output_dir: str):
         self.r = resolved
-        self.factory = factory
-        self.admitted = admitted  # multiprocessing.Value shared by every API process (fork)
         self.output_dir = output_dir
         self.server = resolved.server
         self.model = resolved.model
         self.cache = resolved.cache
-        self.max_items = resolved.batching.max_request_items()
-        self.channel: ApiChannel | None = None
-        self.inflight: dict[str, _Reply] = {}
-        self._late: dict[str, _Reply] = {}  # sampled requests answered 504 whose worker may still answer
-        self._ids = itertools.count()
-        self._prefix = f"{os.getpid():x}-"
+        self.dispatcher = Dispatcher(factory, admitted, resolved.server, resolved.batching.max_request_items())
         self.scope = ""
         self._span_flusher: asyncio.Task | None = None
 
@@ -110,8 +78,7 @@ class Gateway:
         if self.cache_on:
             self.cache.open()
             self.scope = cache_scope(self.model.identity(), self.r.raw["quantization"], self.r.raw["model"])
-        self.channel = self.factory.api_channel(consumer_id)
-        await self.channel.start(self._on_message)
+        await self.dispatcher.start(consumer_id)
         tune_gc(self.server.gc_freeze, self.server.gc_thresholds)  # start-up is done in this process
 
     @staticmethod
@@ -126,44 +93,10 @@ class Gateway:
     async def stop(self) -> None:
         if self._span_flusher is not None:
             self._span_flusher.cancel()
-        for reply in self.inflight.values():
-            reply.deliver({"err": {"status": 503, "error": "server is shutting down"}})
-        if self.channel is not None:
-            await self.channel.close()
+        await self.dispatcher.stop()
         if self.cache_on:
             self.cache.close()
         tracing.shutdown()
-
-    def _on_message(self, raw: bytes) -> None:
-        try:
-            frame = decode_reply(raw)
-        except ProtocolError as exc:  # a worker bug, never a reason to take the API process down
-            log.warning("dropping a malformed reply from a worker (%d bytes): %s", len(raw), exc)
-            return
-        msg, spans = frame.body, frame.spans
-        if frame.kind == "dead":
-            self._fail_worker(msg["dead"])
-            return
-        rid = msg["id"]
-        reply = self.inflight.get(rid)
-        waiting = reply is not None
-        if not waiting:  # the late answer of a request already answered 504 (or of nobody's)
-            reply = self._late.pop(rid, None)
-        if spans and reply is not None:
-            # The worker's spans of a sampled request, under the request's span. They stay the JSON
-            # the worker wrote (protocol.attach_spans): the file exporter writes them as they are.
-            tracing.record_tree(reply.parent, spans)
-        if waiting and reply.deliver(msg):
-            self.inflight.pop(rid, None)
-
-    def _fail_worker(self, worker: int) -> None:
-        for rid, reply in list(self.inflight.items()):
-            if reply.worker == worker:
-                self.inflight.pop(rid, None)
-                reply.deliver({"err": {
-                    "status": 503, "error": "the inference worker handling this request died",
-                    "detail": "retry the request; the worker is being restarted" if self.server.restart_workers
-                    else "the server is shutting down"}})
 
     # --- request handling ---------------------------------------------------------------------
     async def _read_json(self, request: Request) -> dict:
@@ -262,7 +195,7 @@ class Gateway:
                 metrics.cache_lookup("miss")
                 x_cache = "miss"
 
-        result = await self._submit_split(items, timeout_s)
+        result = await self.dispatcher.submit(items, timeout_s)
         if "err" in result:
             return self._error(result)
         outputs = result["out"]
@@ -305,137 +238,25 @@ class Gateway:
         except Exception:  # a cache that cannot store must not fail the answer
             log.warning("cache put failed", exc_info=True)
 
-    async def _submit_split(self, items: list, timeout_s: float) -> dict:
-        """A request larger than the batcher's limit is split into chunks that run as separate
-        queued requests (possibly on several workers) and are joined back in order: 200, not 413.
-        Each chunk takes a place in the queue; a request of more chunks than the queue can ever hold
-        (``server.max_queue``) is refused with 413 rather than failing with 503 on every retry."""
-        size = self.max_items
-        if size is None or len(items) <= size:
-            return await self._submit(items, timeout_s)
-        chunks = -(-len(items) // size)
-        if chunks > self.server.max_queue:
-            metrics.rejected("too_large")
-            return {"err": {"status": 413, "error": f"request has {len(items)} items: {chunks} batches of "
-                            f"batching.max_batch_size={size}, more than server.max_queue={self.server.max_queue}",
-                            "detail": {"field": "input"}}}
-        parts = await asyncio.gather(*(self._submit(items[i:i + size], timeout_s)
-                                       for i in range(0, len(items), size)))
-        failed = next((p for p in parts if "err" in p), None)
-        if failed is not None:
-            return failed
-        return {"out": [out for part in parts for out in part["out"]]}
-
-    def _admit(self) -> dict | None:
-        """Admission control: a bounded number of admitted-but-unanswered requests across processes.
-        Returns the 503 answer when the bound is reached."""
-        with self.admitted.get_lock():
-            if self.admitted.value < self.server.max_queue:
-                self.admitted.value += 1
-                return None
-        metrics.rejected("queue_full")
-        return {"err": {"status": 503, "error": "server is at capacity; retry later",
-                        "detail": f"{self.server.max_queue} requests are queued (server.max_queue)"}}
-
-    def _release(self, rid: str, worker: int | None) -> None:
-        self.inflight.pop(rid, None)
-        self.channel.done(worker)
-        with self.admitted.get_lock():
-            self.admitted.value -= 1
-
-    async def _enqueue(self, rid: str, items: list, timeout_s: float, reply_factory) -> _Reply:
-        """Pick a worker, register the reply, send the request (``NoWorkerAvailable`` if none)."""
-        worker = self.channel.pick_worker()
-        reply = reply_factory(worker)
-        self.inflight[rid] = reply
-        now = time.monotonic()
-        sampled = False
-        if self.tracing_on:
-            parent = tracing.current()
-            if parent is not None and parent.sampled:  # the worker sends its span timings back with the answer
-                sampled = True
-                reply.parent = parent
-        await self.channel.send(encode_request(rid, self.channel.reply_to, items, now, now + timeout_s, sampled),
-                                worker)
-        return reply
-
-    @staticmethod
-    def _no_worker(exc: Exception) -> dict:
-        metrics.rejected("not_ready")
-        return {"err": {"status": 503, "error": "no inference worker is available; retry later", "detail": str(exc)}}
-
-    @staticmethod
-    def _deadline(timeout_s: float) -> dict:
-        metrics.rejected("deadline")
-        return {"err": {"status": 504, "error": "deadline exceeded",
-                        "detail": f"no answer within {timeout_s * 1000:.0f} ms "
-                                  "(server.timeout_ms or X-Request-Timeout-Ms)"}}
-
-    async def _submit(self, items: list, timeout_s: float) -> dict:
-        refused = self._admit()
-        if refused is not None:
-            return refused
-        rid = self._prefix + str(next(self._ids))
-        loop = asyncio.get_running_loop()
-        reply = None
-        try:
-            reply = await self._enqueue(rid, items, timeout_s, lambda w: _Reply(loop.create_future(), w))
-            return await asyncio.wait_for(reply.future, timeout_s)
-        except NoWorkerAvailable as exc:
-            return self._no_worker(exc)
-        except asyncio.TimeoutError:
-            self._expect_late(rid, reply)
-            return self._deadline(timeout_s)
-        finally:
-            self._release(rid, reply.worker if reply is not None else None)
-
-    def _expect_late(self, rid: str, reply: _Reply | None) -> None:
-        """A sampled request answered 504 may still be computed: keep what recording its worker
-        spans takes, so its trace shows where the time went (the oldest are forgotten first)."""
-        if reply is None or reply.parent is None:
-            return
-        self._late[rid] = reply
-        if len(self._late) > _MAX_LATE:
-            del self._late[next(iter(self._late))]
-
     async def _stream(self, items: list, body: dict, timeout_s: float) -> Response:
         """A streamed answer: newline-delimited JSON, one line per chunk as the worker produces it.
-        The status code waits for the first chunk, so early errors keep their 4xx/5xx; the deadline
-        bounds the wait for each chunk."""
-        refused = self._admit()
-        if refused is not None:
-            return self._error(refused)
-        rid = self._prefix + str(next(self._ids))
-        reply = None
-        try:
-            reply = await self._enqueue(rid, items, timeout_s, lambda w: _Reply(None, w, asyncio.Queue()))
-            first = await asyncio.wait_for(reply.queue.get(), timeout_s)
-        except (NoWorkerAvailable, asyncio.TimeoutError) as exc:
-            if isinstance(exc, asyncio.TimeoutError):
-                self._expect_late(rid, reply)
-            self._release(rid, reply.worker if reply is not None else None)
-            return self._error(self._no_worker(exc) if isinstance(exc, NoWorkerAvailable) else
-                               self._deadline(timeout_s))
-        if "err" in first:
-            self._release(rid, reply.worker)
-            return self._error(first)
+        The status code waits for the first chunk, so early errors keep their 4xx/5xx; an error after
+        it (a deadline between chunks included) is the stream's last line."""
+        stream = await self.dispatcher.stream(items, timeout_s)
+        if isinstance(stream, dict):
+            return self._error(stream)
+
+        def line(msg: dict) -> bytes:
+            if "err" in msg:
+                return orjson.dumps({"error": msg["err"]["error"], "detail": msg["err"].get("detail")}) + b"\n"
+            return orjson.dumps(self.model.encode_chunk(msg["chunk"], body), option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
 
         async def lines():
-            msg = first
-            try:
-                while True:
-                    if "err" in msg:
-                        yield orjson.dumps({"error": msg["err"]["error"], "detail": msg["err"].get("detail")}) + b"\n"
-                        return
-                    if "end" in msg:
-                        return
-                    yield orjson.dumps(self.model.encode_chunk(msg["chunk"], body),
-                                       option=orjson.OPT_SERIALIZE_NUMPY) + b"\n"
-                    msg = await asyncio.wait_for(reply.queue.get(), timeout_s)
-            except asyncio.TimeoutError:
-                yield orjson.dumps(self._deadline(timeout_s)["err"]) + b"\n"
-            finally:
-                self._release(rid, reply.worker)
+            if "chunk" in stream.first:
+                yield line(stream.first)
+            async for msg in stream.rest():
+                if "end" not in msg:
+                    yield line(msg)
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 

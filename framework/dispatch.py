@@ -1,0 +1,263 @@
+"""The dispatcher: everything between an endpoint's decoded items and the worker's answer.
+
+One ``Dispatcher`` per API process. It owns admission control (a bounded number of admitted but
+unanswered requests across API processes: beyond it 503), the in-flight table (request id -> the
+reply being waited for), deadlines (504, and the late answer of a request already answered 504,
+whose worker spans still join its trace), split/join (a request larger than the batcher's limit
+runs as several queued requests, joined back in order) and streams (a request's replies as they
+come). It speaks to workers only through ``framework/transport/protocol.py``'s frames and knows
+nothing of HTTP: the HTTP side (``framework/http.py``) turns its results into responses, and a new
+endpoint family reuses it as it is.
+
+Results are plain dicts, ``{"out": [one output per item]}`` or ``{"err": {"status", "error",
+"detail"}}``, so an endpoint maps them onto its own error shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from framework import metrics, tracing
+from framework.settings import ServerConfig
+from framework.transport.base import ApiChannel, ChannelFactory, NoWorkerAvailable
+from framework.transport.protocol import ProtocolError, decode_reply, encode_request
+
+log = logging.getLogger("hydraserve.dispatch")
+
+_MAX_LATE = 1024  # timed-out sampled requests remembered for their worker's late answer
+
+
+class _Reply:
+    """Waits for one answer (``future``) or, for a streamed answer, collects its messages (``queue``).
+
+    For a sampled request it also keeps the request's span (``parent``), to record the worker's spans
+    under when they arrive with the answer.
+    """
+
+    __slots__ = ("future", "queue", "worker", "parent")
+
+    def __init__(self, future: asyncio.Future | None, worker: int | None, queue: asyncio.Queue | None = None):
+        self.future = future
+        self.queue = queue
+        self.worker = worker
+        self.parent: tracing.SpanRef | None = None
+
+    def deliver(self, msg: dict) -> bool:
+        """Hand over one message; True when this was the last one."""
+        if self.queue is not None:
+            self.queue.put_nowait(msg)
+            return "end" in msg or "err" in msg
+        if not self.future.done():
+            self.future.set_result(msg)
+        return True
+
+
+class Stream:
+    """An admitted streamed request whose first reply was a chunk: iterate ``rest()`` for the others.
+
+    ``rest`` yields every message after the first up to the last (an ``end`` or an ``err``; a deadline
+    passed between two messages becomes a 504 ``err``) and releases the request however it stops.
+    """
+
+    def __init__(self, dispatcher: Dispatcher, rid: str, reply: _Reply, first: dict, timeout_s: float):
+        self.dispatcher = dispatcher
+        self.rid = rid
+        self.reply = reply
+        self.first = first
+        self.timeout_s = timeout_s
+
+    async def rest(self) -> AsyncIterator[dict]:
+        if "end" in self.first:  # an empty stream: already released
+            return
+        try:
+            while True:
+                try:
+                    msg = await asyncio.wait_for(self.reply.queue.get(), self.timeout_s)
+                except asyncio.TimeoutError:
+                    yield self.dispatcher.deadline(self.timeout_s)
+                    return
+                yield msg
+                if "end" in msg or "err" in msg:
+                    return
+        finally:
+            self.dispatcher._release(self.rid, self.reply.worker)
+
+
+class Dispatcher:
+    def __init__(self, factory: ChannelFactory, admitted: Any, settings: ServerConfig, max_items: int | None):
+        self.factory = factory
+        self.admitted = admitted  # multiprocessing.Value shared by every API process (fork)
+        self.settings = settings
+        self.max_items = max_items  # items per queued request (the batcher's limit); None: no split
+        self.channel: ApiChannel | None = None
+        self.tracing_on = False
+        self.inflight: dict[str, _Reply] = {}
+        self._late: dict[str, _Reply] = {}  # sampled requests answered 504 whose worker may still answer
+        self._ids = itertools.count()
+        self._prefix = f"{os.getpid():x}-"
+
+    async def start(self, consumer_id: int) -> None:
+        self.tracing_on = tracing.enabled()
+        self.channel = self.factory.api_channel(consumer_id)
+        await self.channel.start(self._on_message)
+
+    async def stop(self) -> None:
+        for reply in self.inflight.values():
+            reply.deliver({"err": {"status": 503, "error": "server is shutting down"}})
+        if self.channel is not None:
+            await self.channel.close()
+
+    # --- replies from workers -------------------------------------------------------------------
+    def _on_message(self, raw: bytes) -> None:
+        try:
+            frame = decode_reply(raw)
+        except ProtocolError as exc:  # a worker bug, never a reason to take the API process down
+            log.warning("dropping a malformed reply from a worker (%d bytes): %s", len(raw), exc)
+            return
+        msg, spans = frame.body, frame.spans
+        if frame.kind == "dead":
+            self._fail_worker(msg["dead"])
+            return
+        rid = msg["id"]
+        reply = self.inflight.get(rid)
+        waiting = reply is not None
+        if not waiting:  # the late answer of a request already answered 504 (or of nobody's)
+            reply = self._late.pop(rid, None)
+        if spans and reply is not None:
+            # The worker's spans of a sampled request, under the request's span. They stay the JSON
+            # the worker wrote (protocol.attach_spans): the file exporter writes them as they are.
+            tracing.record_tree(reply.parent, spans)
+        if waiting and reply.deliver(msg):
+            self.inflight.pop(rid, None)
+
+    def _fail_worker(self, worker: int) -> None:
+        for rid, reply in list(self.inflight.items()):
+            if reply.worker == worker:
+                self.inflight.pop(rid, None)
+                reply.deliver({"err": {
+                    "status": 503, "error": "the inference worker handling this request died",
+                    "detail": "retry the request; the worker is being restarted" if self.settings.restart_workers
+                    else "the server is shutting down"}})
+
+    # --- requests --------------------------------------------------------------------------------
+    async def submit(self, items: list, timeout_s: float) -> dict:
+        """A request larger than the batcher's limit is split into chunks that run as separate
+        queued requests (possibly on several workers) and are joined back in order: 200, not 413.
+        Each chunk takes a place in the queue; a request of more chunks than the queue can ever hold
+        (``server.max_queue``) is refused with 413 rather than failing with 503 on every retry."""
+        size = self.max_items
+        if size is None or len(items) <= size:
+            return await self._submit_one(items, timeout_s)
+        chunks = -(-len(items) // size)
+        if chunks > self.settings.max_queue:
+            metrics.rejected("too_large")
+            return {"err": {"status": 413, "error": f"request has {len(items)} items: {chunks} batches of "
+                            f"batching.max_batch_size={size}, more than server.max_queue={self.settings.max_queue}",
+                            "detail": {"field": "input"}}}
+        parts = await asyncio.gather(*(self._submit_one(items[i:i + size], timeout_s)
+                                       for i in range(0, len(items), size)))
+        failed = next((p for p in parts if "err" in p), None)
+        if failed is not None:
+            return failed
+        return {"out": [out for part in parts for out in part["out"]]}
+
+    def _admit(self) -> dict | None:
+        """Admission control: a bounded number of admitted-but-unanswered requests across processes.
+        Returns the 503 answer when the bound is reached."""
+        with self.admitted.get_lock():
+            if self.admitted.value < self.settings.max_queue:
+                self.admitted.value += 1
+                return None
+        metrics.rejected("queue_full")
+        return {"err": {"status": 503, "error": "server is at capacity; retry later",
+                        "detail": f"{self.settings.max_queue} requests are queued (server.max_queue)"}}
+
+    def _release(self, rid: str, worker: int | None) -> None:
+        self.inflight.pop(rid, None)
+        self.channel.done(worker)
+        with self.admitted.get_lock():
+            self.admitted.value -= 1
+
+    async def _enqueue(self, rid: str, items: list, timeout_s: float, reply_factory) -> _Reply:
+        """Pick a worker, register the reply, send the request (``NoWorkerAvailable`` if none)."""
+        worker = self.channel.pick_worker()
+        reply = reply_factory(worker)
+        self.inflight[rid] = reply
+        now = time.monotonic()
+        sampled = False
+        if self.tracing_on:
+            parent = tracing.current()
+            if parent is not None and parent.sampled:  # the worker sends its span timings back with the answer
+                sampled = True
+                reply.parent = parent
+        await self.channel.send(encode_request(rid, self.channel.reply_to, items, now, now + timeout_s, sampled),
+                                worker)
+        return reply
+
+    @staticmethod
+    def no_worker(exc: Exception) -> dict:
+        metrics.rejected("not_ready")
+        return {"err": {"status": 503, "error": "no inference worker is available; retry later", "detail": str(exc)}}
+
+    @staticmethod
+    def deadline(timeout_s: float) -> dict:
+        metrics.rejected("deadline")
+        return {"err": {"status": 504, "error": "deadline exceeded",
+                        "detail": f"no answer within {timeout_s * 1000:.0f} ms "
+                                  "(server.timeout_ms or X-Request-Timeout-Ms)"}}
+
+    async def _submit_one(self, items: list, timeout_s: float) -> dict:
+        refused = self._admit()
+        if refused is not None:
+            return refused
+        rid = self._prefix + str(next(self._ids))
+        loop = asyncio.get_running_loop()
+        reply = None
+        try:
+            reply = await self._enqueue(rid, items, timeout_s, lambda w: _Reply(loop.create_future(), w))
+            return await asyncio.wait_for(reply.future, timeout_s)
+        except NoWorkerAvailable as exc:
+            return self.no_worker(exc)
+        except asyncio.TimeoutError:
+            self._expect_late(rid, reply)
+            return self.deadline(timeout_s)
+        finally:
+            self._release(rid, reply.worker if reply is not None else None)
+
+    def _expect_late(self, rid: str, reply: _Reply | None) -> None:
+        """A sampled request answered 504 may still be computed: keep what recording its worker
+        spans takes, so its trace shows where the time went (the oldest are forgotten first)."""
+        if reply is None or reply.parent is None:
+            return
+        self._late[rid] = reply
+        if len(self._late) > _MAX_LATE:
+            del self._late[next(iter(self._late))]
+
+    async def stream(self, items: list, timeout_s: float) -> Stream | dict:
+        """Admit and queue a streamed request; return its ``Stream`` once the first chunk is here, or
+        the error that came first (admission, no worker, deadline, or the worker's own error). The
+        deadline bounds the wait for each message."""
+        refused = self._admit()
+        if refused is not None:
+            return refused
+        rid = self._prefix + str(next(self._ids))
+        reply = None
+        try:
+            reply = await self._enqueue(rid, items, timeout_s, lambda w: _Reply(None, w, asyncio.Queue()))
+            first = await asyncio.wait_for(reply.queue.get(), timeout_s)
+        except (NoWorkerAvailable, asyncio.TimeoutError) as exc:
+            if isinstance(exc, asyncio.TimeoutError):
+                self._expect_late(rid, reply)
+            self._release(rid, reply.worker if reply is not None else None)
+            return self.no_worker(exc) if isinstance(exc, NoWorkerAvailable) else self.deadline(timeout_s)
+        if "err" in first or "end" in first:
+            self._release(rid, reply.worker)
+            if "err" in first:
+                return first
+        return Stream(self, rid, reply, first, timeout_s)
