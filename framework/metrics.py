@@ -36,6 +36,7 @@ from prometheus_client import (
 
 __all__ = [
     "cache_lookup",
+    "client_disconnected",
     "init_metrics_dir",
     "mark_dead",
     "observe_batch",
@@ -46,10 +47,12 @@ __all__ = [
     "request_finished",
     "request_started",
     "set_queue_depth",
+    "slow_client",
 ]
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 CACHE_RESULTS = ("hit", "semantic-hit", "miss", "bypass")
+SLOW_CLIENT_REASONS = ("headers", "body", "connections")
 REJECT_REASONS = ("queue_full", "deadline", "too_large", "unauthorized", "bad_request", "not_ready")
 
 # Latency-first server: most of the resolution sits below 10 ms.
@@ -93,12 +96,23 @@ class _Metrics:
         self.rejected = Counter(
             "hydraserve_rejected", "Requests refused before running, by reason.", ["reason"],
             registry=reg)
+        self.client_disconnects = Counter(
+            "hydraserve_client_disconnects", "Requests whose client went away before its body was read.",
+            registry=reg)
+        self.slow_clients = Counter(
+            "hydraserve_slow_clients", "Connections cut for a client's slowness (headers, body: "
+            "server.header_timeout_s, server.body_timeout_s) or refused over server.max_connections.",
+            ["reason"], registry=reg)
         # Pre-bound children: the hot path indexes a dict instead of calling .labels().
         self.request_children: dict[tuple, object] = {}
         self.cache_children = {r: self.cache_lookups.labels(r) for r in CACHE_RESULTS}
         self.reject_children = {r: self.rejected.labels(r) for r in REJECT_REASONS}
+        self.slow_children = {r: self.slow_clients.labels(r) for r in SLOW_CLIENT_REASONS}
         for r in CACHE_RESULTS:  # zeros are exported too, so rate() works from the first scrape
             self.cache_children[r].inc(0)
+        for r in SLOW_CLIENT_REASONS:
+            self.slow_children[r].inc(0)
+        self.client_disconnects.inc(0)
         if multi:
             _register_exit_hook()
 
@@ -270,6 +284,17 @@ def rejected(reason: str) -> None:
     """A request refused before running: queue_full, deadline, too_large, unauthorized, ..."""
     m = _m or _metrics()
     _count(m.reject_children, m.rejected, reason)
+
+
+def client_disconnected() -> None:
+    """A client closed its connection before its request's body was read (not a server error)."""
+    (_m or _metrics()).client_disconnects.inc()
+
+
+def slow_client(reason: str) -> None:
+    """A connection cut for slowness (``headers``, ``body``) or refused (``connections``)."""
+    m = _m or _metrics()
+    _count(m.slow_children, m.slow_clients, reason)
 
 
 # ----------------------------------------------------------------------------------------- exposition

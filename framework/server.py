@@ -115,6 +115,20 @@ class HydraServer(ls.LitServer):
         self._transport = create_transport_from_config(self.transport_config)
         return manager
 
+    def run(self, *args, **kwargs):
+        """LitServer.run with the connection bounds (framework/connections.py) as uvicorn's protocol;
+        raises ``RuntimeError`` (the CLI exits non-zero) when the server stopped because a process died."""
+        from framework.connections import bounded_protocol
+
+        s = self.resolved.server
+        kwargs.setdefault("http", bounded_protocol(s.header_timeout_s, s.body_timeout_s, s.max_connections,
+                                                   s.retry_after_s))
+        kwargs.setdefault("timeout_keep_alive", s.keep_alive_timeout_s)
+        self._fatal: str | None = None
+        super().run(*args, **kwargs)
+        if self._fatal:
+            raise RuntimeError(self._fatal)
+
     def verify_worker_status(self):
         deadline = time.monotonic() + self.resolved.server.startup_timeout_s
         while not any(v == WorkerSetupStatus.READY for v in self.workers_setup_status.values()):
@@ -139,10 +153,38 @@ class HydraServer(ls.LitServer):
                 factory.close()
 
     def _start_worker_monitoring(self, manager, uvicorn_workers):
+        """Watch the inference workers (restarted when they die) and the API processes.
+
+        A dead API (uvicorn) process stops the whole server, loudly and at once (non-zero exit), for
+        a supervisor to restart: it is not restarted in place. Its listening socket is shared with
+        the main process, so nothing refuses connections: they pile up in the backlog and every
+        request, ``/health`` included, hangs. A replacement would have to be forked from this
+        multi-threaded main process mid-run, and the dead process took its admission slots
+        (``server.max_queue``, shared) and in-flight requests with it, unaccounted; a process killed
+        by SIGKILL (the OOM killer) is rare and severe enough that a clean restart of everything is
+        the robust answer. Stopping within ~0.2 s also closes the socket, so clients see refused
+        connections instead of hanging.
+        """
         api_pids = [w.pid for w in uvicorn_workers.values() if getattr(w, "pid", None)]
+        api_procs = [w for w in uvicorn_workers.values() if hasattr(w, "exitcode")]  # processes, not threads
+
+        def api_process_died() -> bool:
+            for proc in api_procs:
+                if proc.is_alive() or self._stopping:
+                    continue
+                self._fatal = (f"API process {proc.name} (pid {proc.pid}) died with exit code {proc.exitcode}; "
+                               "stopping the server (its port would otherwise hang every request)")
+                log.critical("%s", self._fatal)
+                self._stopping = True
+                with contextlib.suppress(Exception):
+                    self._shutdown_event.set()  # the main thread's wait returns; run() shuts down and raises
+                return True
+            return False
 
         def monitor() -> None:
             while not self._stopping and not self._shutdown_event.is_set():
+                if api_process_died():
+                    return
                 for idx, proc in enumerate(self.inference_workers):
                     if proc.is_alive() or self._stopping:
                         continue

@@ -27,6 +27,14 @@ class ServerConfig:
     max_queue: int = 512  # requests admitted but not answered, across API processes; then 503
     retry_after_s: int = 1
     restart_workers: bool = True
+    # Slow or numerous clients (framework/connections.py): a request's headers must arrive within
+    # header_timeout_s and its body within body_timeout_s after them (else 408); at most
+    # max_connections open connections per API process (one more: 503); idle keep-alive connections
+    # close after keep_alive_timeout_s.
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 1000
+    keep_alive_timeout_s: float = 5.0
     log_level: str = "info"
     access_log: bool = False  # one log line per request costs latency; turn on to debug
     startup_timeout_s: float = 600.0
@@ -49,7 +57,8 @@ class ServerConfig:
             out.append(("port", f"must be in 1024..65535, got {self.port}"))
         if self.host not in ("127.0.0.1", "0.0.0.0", "::"):
             out.append(("host", f"must be '127.0.0.1', '0.0.0.0' or '::', got '{self.host}'"))
-        for name in ("num_api_servers", "max_body_bytes", "timeout_ms", "max_queue"):
+        for name in ("num_api_servers", "max_body_bytes", "timeout_ms", "max_queue", "header_timeout_s",
+                     "body_timeout_s", "max_connections", "keep_alive_timeout_s"):
             if getattr(self, name) <= 0:
                 out.append((name, f"must be > 0, got {getattr(self, name)}"))
         return out
