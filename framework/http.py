@@ -17,12 +17,13 @@ from typing import Any
 
 import orjson
 from starlette.background import BackgroundTask
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
 from framework import metrics, openai_compat, tracing
 from framework.cache_key import cache_key, cache_scope
 from framework.config import Resolved
+from framework.connections import BODY_TIMED_OUT
 from framework.dispatch import Dispatcher
 from framework.errors import RequestError
 from framework.plugin import CacheRequest
@@ -106,11 +107,22 @@ class Gateway:
             raise RequestError(f"request body is {length} bytes; the limit is {limit} (server.max_body_bytes)",
                                status=413)
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise RequestError(f"request body exceeds {limit} bytes (server.max_body_bytes)", status=413)
-            chunks.append(chunk)
+        receive, scope = request.receive, request.scope
+        while True:  # request.stream(), plus the connection layer's body timeout (framework/connections.py)
+            message = await receive()
+            if message["type"] != "http.request":  # http.disconnect: the client left mid-body
+                raise ClientDisconnect()
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise RequestError(f"request body exceeds {limit} bytes (server.max_body_bytes)", status=413)
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+            if BODY_TIMED_OUT in scope:
+                raise RequestError(f"the request body did not arrive within {scope[BODY_TIMED_OUT]} s "
+                                   "(server.body_timeout_s)", field="body", status=408)
         try:
             body = orjson.loads(b"".join(chunks))
         except orjson.JSONDecodeError as exc:
@@ -151,6 +163,10 @@ class Gateway:
         try:
             try:
                 response = await self._serve(request, route)
+            except ClientDisconnect:  # the client's choice, not a server error: counted, not logged loudly
+                metrics.client_disconnected()
+                log.debug("client disconnected before its request body was read on %s", route)
+                response = error_response(499, "client closed the connection")  # nobody reads it
             except Exception:  # a bug must still answer with the JSON error contract, not a bare 500
                 log.exception("unhandled error on %s", route)
                 response = error_response(500, "internal server error", "see the server log")
