@@ -110,7 +110,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads; 0 keeps torch's default")
     args = ap.parse_args()
+    if args.threads:
+        # On a shared box, 1 thread avoids OpenMP barrier stalls when another process holds a core.
+        torch.set_num_threads(args.threads)
     n = args.new_tokens
     t_load = time.perf_counter()
     tokenizer, model = load_smollm2()
@@ -167,7 +171,8 @@ def main() -> None:
     agree = res["agreement_first32_with_sequential"]
     md = [
         "# Generation engine vs transformers generate (SmolLM2-135M-Instruct, fp32, greedy, CPU)", "",
-        f"`.venv/bin/python benchmarks/generation_engine.py --prompts {len(prompts)} --new-tokens {n}`; "
+        f"`.venv/bin/python benchmarks/generation_engine.py --prompts {len(prompts)} --new-tokens {n}"
+        f"{f' --threads {args.threads}' if args.threads else ''}`; "
         f"{len(prompts)} chat prompts, {n} new tokens, {torch.get_num_threads()} torch threads, one process.", "",
         "| run | output tokens/s | ratio to (a) |", "| --- | ---: | ---: |",
         *(f"| {k} | {v:.1f} | {v / t['a_sequential_generate']:.2f}x |" for k, v in t.items()), "",

@@ -14,7 +14,7 @@ Example::
 """
 
 from framework.generation.engine import GenerationEngine
-from framework.generation.model import BatchedCausalLM
+from framework.generation.model import BatchedCausalLM, DecodeBatch, PrefillChunk
 from framework.generation.request import (
     EngineConfig,
     FinishReason,
@@ -27,10 +27,12 @@ from framework.generation.request import (
 
 __all__ = [
     "BatchedCausalLM",
+    "DecodeBatch",
     "EngineConfig",
     "FinishReason",
     "GenerationEngine",
     "GenerationRequest",
+    "PrefillChunk",
     "QueueFullError",
     "RequestTooLongError",
     "SamplingParams",

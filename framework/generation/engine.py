@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from framework.generation.model import BatchedCausalLM
+from framework.generation.model import BatchedCausalLM, DecodeBatch, PrefillChunk
 from framework.generation.request import (
     EngineConfig,
     FinishReason,
@@ -135,12 +135,8 @@ class GenerationEngine:
             seq.slot = self._slots.allocate()
             seq.status = Status.PREFILL
             self._running.append(seq)
-        if plan.decode:
-            outputs.extend(self._decode(plan.decode))
-        for seq, n in plan.prefill:
-            out = self._prefill(seq, n)
-            if out is not None:
-                outputs.append(out)
+        if plan.decode or plan.prefill:
+            outputs.extend(self._run(plan.decode, plan.prefill))
 
         done = [s for s in self._running if s.status is Status.FINISHED]
         if done:
@@ -149,31 +145,33 @@ class GenerationEngine:
                 self._by_id.pop(seq.seq_id, None)
         return outputs
 
-    def _decode(self, batch: list[Sequence]) -> list[StepOutput]:
-        # Rows in slot order: when the slots are 0..B-1 the forward attends through a view of the cache.
-        batch = sorted(batch, key=lambda s: s.slot)
-        slots = torch.tensor([s.slot for s in batch])
-        tokens = torch.tensor([s.last_token for s in batch])
-        positions = torch.tensor([s.num_cached for s in batch])
-        logits = self.model.decode(slots, tokens, positions)
-        for seq in batch:
+    def _run(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]]) -> list[StepOutput]:
+        """One model forward for the whole step (decode rows and prefill chunks share one weight read)."""
+        # Decode rows in slot order: when the slots are 0..B-1 the forward attends through a view.
+        decode = sorted(decode, key=lambda s: s.slot)
+        batch = None
+        if decode:
+            batch = DecodeBatch(torch.tensor([s.slot for s in decode]), torch.tensor([s.last_token for s in decode]),
+                                torch.tensor([s.num_cached for s in decode]))
+        chunks = [PrefillChunk(seq.slot, torch.tensor(seq.request.prompt_ids[seq.num_cached:seq.num_cached + n]),
+                               seq.num_cached) for seq, n in prefill]
+        decode_logits, prefill_logits = self.model.forward_step(batch, chunks)
+        for seq in decode:
             seq.num_cached += 1
             seq.computed_tokens += 1
-        self.total_computed_tokens += len(batch)
-        next_ids = sample_rows(logits, [s.request.sampling for s in batch], [s.generator for s in batch])
-        return [self._append(seq, tok) for seq, tok in zip(batch, next_ids, strict=True)]
-
-    def _prefill(self, seq: Sequence, n: int) -> StepOutput | None:
-        start = seq.num_cached
-        chunk = torch.tensor(seq.request.prompt_ids[start:start + n])
-        logits = self.model.prefill(seq.slot, chunk, start)
-        seq.num_cached += n
-        seq.computed_tokens += n
-        self.total_computed_tokens += n
-        if seq.prompt_left:
-            return None  # more chunks in the next steps
-        seq.status = Status.DECODE
-        return self._append(seq, sample_one(logits, seq.request.sampling, seq.generator))
+        for seq, n in prefill:
+            seq.num_cached += n
+            seq.computed_tokens += n
+        self.total_computed_tokens += len(decode) + sum(n for _, n in prefill)
+        outputs = []
+        if decode:
+            next_ids = sample_rows(decode_logits, [s.request.sampling for s in decode], [s.generator for s in decode])
+            outputs.extend(self._append(seq, tok) for seq, tok in zip(decode, next_ids, strict=True))
+        for i, (seq, _) in enumerate(prefill):
+            if seq.prompt_left == 0:  # its last chunk: the first token comes from it
+                seq.status = Status.DECODE
+                outputs.append(self._append(seq, sample_one(prefill_logits[i], seq.request.sampling, seq.generator)))
+        return outputs
 
     def _append(self, seq: Sequence, token: int) -> StepOutput:
         """Record one generated token; returns the text it releases and whether the sequence ended."""

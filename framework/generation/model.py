@@ -1,14 +1,30 @@
-"""What the engine needs from a model: a batched forward over a KV cache it owns, addressed by slot.
+"""What the engine needs from a model: one batched forward per step over a KV cache it owns, by slot.
 
 A model plugin implements this (e.g. ``plugins/model/_llama_batched.py``); the engine allocates the
-slots and never looks inside the cache, so a paged or quantized cache fits behind the same calls.
+slots and never looks inside the cache, so a paged or quantized cache fits behind the same call.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
+
+
+class DecodeBatch(NamedTuple):
+    """One token per row: row i is ``token_ids[i]`` at ``positions[i]`` of ``slots[i]`` (all 1-D, [B])."""
+
+    slots: torch.Tensor
+    token_ids: torch.Tensor
+    positions: torch.Tensor
+
+
+class PrefillChunk(NamedTuple):
+    """``token_ids`` (1-D, n) at positions ``start .. start+n-1`` of ``slot``; earlier ones are cached."""
+
+    slot: int
+    token_ids: torch.Tensor
+    start: int
 
 
 @runtime_checkable
@@ -18,12 +34,9 @@ class BatchedCausalLM(Protocol):
     max_num_seqs: int
     max_model_len: int
 
-    def prefill(self, slot: int, token_ids: torch.Tensor, start: int) -> torch.Tensor:
-        """Run ``token_ids`` (1-D, n tokens) at positions ``start .. start+n-1`` of ``slot``, writing their KV;
-        positions before ``start`` are already in the slot. Returns the logits of the last position, [vocab]."""
-        ...
-
-    def decode(self, slots: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One token per row: row i is ``token_ids[i]`` at ``positions[i]`` of ``slots[i]`` (all 1-D, [B]).
-        Writes their KV, attends each row to its own slot up to its position. Returns logits, [B, vocab]."""
+    def forward_step(self, decode: DecodeBatch | None,
+                     prefill: list[PrefillChunk]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Run every decode row and prefill chunk of a step together (one read of the weights), writing
+        their KV; each row attends only to its own slot up to its position. Returns (logits of the
+        decode rows [B, vocab] or None, logits of each chunk's last token [N, vocab] or None)."""
         ...

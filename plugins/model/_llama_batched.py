@@ -1,13 +1,14 @@
 """A batched Llama forward over a pre-allocated KV cache, for the generation engine.
 
 Reads the weights of a loaded transformers ``LlamaForCausalLM`` (SmolLM2 is one; so are Llama,
-TinyLlama, ...) and implements ``framework.generation.BatchedCausalLM``: prefill a chunk of one
-sequence, or decode one token for many sequences at once, each row at its own position and attending
-only to its own slot. The KV cache is [layers, slots, kv_heads, max_model_len, head_dim], allocated
-once: no per-step allocation or cache objects, which is most of eager ``generate``'s overhead at batch 1.
+TinyLlama, ...) and implements ``framework.generation.BatchedCausalLM``. A step's decode rows and
+prefill chunks are packed into one token sequence for the projections and the MLP, so the weights are
+read once per step however many sequences join (on a CPU decode is bound by reading the weights);
+only attention is split, batched over decode rows and per chunk for prefill. The KV cache is
+[layers, slots, kv_heads, max_model_len, head_dim], allocated once: no per-step cache objects.
 
-The norms and the MLP are the loaded model's own modules (so their numerics are transformers'); only
-attention is written here, because it is where the per-row positions and the slot cache come in.
+The norms and the MLP are the loaded model's own modules (their numerics are transformers');
+attention is written here, because that is where per-row positions and the slot cache come in.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from framework.generation.model import DecodeBatch, PrefillChunk
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -38,8 +41,8 @@ class LlamaBatchedForward:
         self.lm_head = model.lm_head
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.groups = self.num_heads // self.num_kv_heads
+        self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scaling = self.layers[0].self_attn.scaling
         dtype = self.embed.weight.dtype
         # cos/sin for every position, computed exactly as transformers' rotary embedding does per position.
@@ -56,69 +59,92 @@ class LlamaBatchedForward:
     def kv_cache_bytes(self) -> int:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
-    # --- BatchedCausalLM --------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, slot: int, token_ids: torch.Tensor, start: int) -> torch.Tensor:
-        n = token_ids.shape[0]
-        end = start + n
-        cos, sin = self.cos[start:end], self.sin[start:end]  # [n, hd]
-        if start == 0:
-            mask = None  # plain causal attention over the chunk itself
-        else:
-            # query i (position start+i) sees keys 0..start+i
-            mask = torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
-        x = self.embed(token_ids[None, :])  # [1, n, hidden]
+    def forward_step(self, decode: DecodeBatch | None,
+                     prefill: list[PrefillChunk]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        b = 0 if decode is None else decode.token_ids.shape[0]
+        tokens = [decode.token_ids] if b else []
+        positions = [decode.positions] if b else []
+        for chunk in prefill:
+            n = chunk.token_ids.shape[0]
+            tokens.append(chunk.token_ids)
+            positions.append(torch.arange(chunk.start, chunk.start + n))
+        token_ids, pos = torch.cat(tokens), torch.cat(positions)
+        total = token_ids.shape[0]
+        cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]  # [T, 1, hd]
+        attend_decode = self._decode_attention(decode) if b else None
+        attend_chunks = self._chunk_attention(prefill, b)
+        x = self.embed(token_ids[None, :])  # [1, T, hidden]
         for layer_idx, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(1, n, self.num_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(1, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(1, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+            q = attn.q_proj(h).view(total, self.num_heads, self.head_dim)
+            k = attn.k_proj(h).view(total, self.num_kv_heads, self.head_dim)
+            v = attn.v_proj(h).view(total, self.num_kv_heads, self.head_dim)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]
-            kc[slot, :, start:end] = k[0]
-            vc[slot, :, start:end] = v[0]
-            keys, values = kc[slot:slot + 1, :, :end], vc[slot:slot + 1, :, :end]
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, is_causal=mask is None,
-                                               scale=self.scaling, enable_gqa=True)
-            x = x + attn.o_proj(o.transpose(1, 2).reshape(1, n, -1))
+            outs = []
+            if b:
+                outs.append(attend_decode(q[:b], k[:b], v[:b], kc, vc))
+            outs.extend(fn(q, k, v, kc, vc) for fn in attend_chunks)
+            o = torch.cat(outs) if len(outs) > 1 else outs[0]  # [T, heads * hd]
+            x = x + attn.o_proj(o[None])
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        # Only the last position's logits are needed: the lm_head is a large share of the weights.
-        return self.lm_head(self.norm(x[:, -1]))[0]
+        # Logits only where a token is sampled: the lm_head is a large share of the weights.
+        last = list(range(b))
+        offset = b
+        for chunk in prefill:
+            offset += chunk.token_ids.shape[0]
+            last.append(offset - 1)
+        logits = self.lm_head(self.norm(x[0, last]))
+        return (logits[:b] if b else None), (logits[b:] if prefill else None)
 
-    @torch.inference_mode()
-    def decode(self, slots: torch.Tensor, token_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        b = token_ids.shape[0]
+    def _decode_attention(self, decode: DecodeBatch):
+        slots, positions = decode.slots, decode.positions
+        b = slots.shape[0]
         length = int(positions.max()) + 1
         lo = int(slots[0])
         # Rows come in slot order; consecutive slots attend through a view, others through a gather.
         contiguous = int(slots[-1]) - lo + 1 == b
-        cos, sin = self.cos[positions][:, None, None, :], self.sin[positions][:, None, None, :]  # [b,1,1,hd]
         mask = (torch.arange(length)[None, :] <= positions[:, None])[:, None, None, :]  # [b, 1, 1, len]
-        x = self.embed(token_ids[:, None])  # [b, 1, hidden]
-        for layer_idx, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(b, 1, self.num_heads, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(h).view(b, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(h).view(b, 1, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]
-            kc[slots, :, positions] = k[:, :, 0]
-            vc[slots, :, positions] = v[:, :, 0]
+
+        def attend(q, k, v, kc, vc):
+            kc[slots, :, positions] = k
+            vc[slots, :, positions] = v
             if contiguous:
                 keys, values = kc[lo:lo + b, :, :length], vc[lo:lo + b, :, :length]
             else:
                 keys, values = kc[slots, :, :length], vc[slots, :, :length]
-            # Grouped-query attention for one query per row as two batched matmuls: CPU SDPA with a mask
-            # and enable_gqa measured ~2.8 ms a call here (flash kernel for q_len=1), these ~0.1 ms.
-            # q head h reads kv head h // groups, as transformers' repeat_kv does.
+            # One query per row as two batched matmuls: CPU SDPA with a mask and enable_gqa measured
+            # ~2.8 ms a call for q_len=1 here, this ~0.1 ms. Query head h reads kv head h // groups,
+            # as transformers' repeat_kv does.
             qg = q.view(b, self.num_kv_heads, self.groups, self.head_dim)
             scores = torch.matmul(qg, keys.transpose(-1, -2)) * self.scaling  # [b, kvh, groups, len]
             scores = scores.masked_fill(~mask, float("-inf"))
-            o = torch.matmul(torch.softmax(scores, dim=-1), values)  # [b, kvh, groups, hd]
-            x = x + attn.o_proj(o.reshape(b, 1, -1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.lm_head(self.norm(x[:, 0]))
+            return torch.matmul(torch.softmax(scores, dim=-1), values).reshape(b, -1)
+
+        return attend
+
+    def _chunk_attention(self, prefill: list[PrefillChunk], offset: int):
+        fns = []
+        for chunk in prefill:
+            n = chunk.token_ids.shape[0]
+            fns.append(self._one_chunk(chunk.slot, chunk.start, n, offset))
+            offset += n
+        return fns
+
+    def _one_chunk(self, slot: int, start: int, n: int, offset: int):
+        end = start + n
+        # query i (position start+i) sees keys 0..start+i; a first chunk is plain causal attention.
+        mask = None if start == 0 else torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+
+        def attend(q, k, v, kc, vc):
+            kc[slot, :, start:end] = k[offset:offset + n].transpose(0, 1)
+            vc[slot, :, start:end] = v[offset:offset + n].transpose(0, 1)
+            o = F.scaled_dot_product_attention(
+                q[offset:offset + n].transpose(0, 1)[None], kc[slot:slot + 1, :, :end], vc[slot:slot + 1, :, :end],
+                attn_mask=mask, is_causal=mask is None, scale=self.scaling, enable_gqa=True)
+            return o[0].transpose(0, 1).reshape(n, -1)
+
+        return attend
