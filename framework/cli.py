@@ -31,20 +31,31 @@ def _fail_config(exc: Exception) -> None:
     sys.exit(2)
 
 
-def _hydra_app(config_name: str, task, argv: list[str]) -> int:
+def _hydra_app(command: str, config_name: str, task, argv: list[str], own: list[str] | None = None) -> int:
+    """Run ``task`` as a Hydra app; ``own`` overrides are the command's, ``argv`` the user's words
+    (flags anywhere among overrides), checked before Hydra composes or runs anything."""
     import hydra
 
+    from framework.cli_args import CommandLineError, hydra_argv
     from framework.config import conf_dir
-    from framework.search_path import plugin_search_path_overrides
 
+    try:
+        hydra_args = hydra_argv(command, argv, own)
+    except CommandLineError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
     main = hydra.main(config_path=str(conf_dir()), config_name=config_name, version_base="1.3")(task)
     saved = sys.argv
-    sys.argv = [f"hydraserve {config_name}", *plugin_search_path_overrides(), *argv]
+    sys.argv = hydra_args
+    _failed_jobs.clear()
     try:
         main()
     finally:
         sys.argv = saved
-    return 0
+    return 2 if _failed_jobs else 0
+
+
+_failed_jobs: list[str] = []  # multirun `validate`: jobs whose config is not well-formed
 
 
 def _serve_task(cfg) -> None:
@@ -74,14 +85,40 @@ def _serve_task(cfg) -> None:
 
 
 def _validate_task(cfg) -> None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     from framework.config import validate
     from framework.errors import ConfigError
 
+    hydra_cfg = HydraConfig.get()
+    if hydra_cfg.mode != RunMode.MULTIRUN:
+        try:
+            validate(cfg)
+        except ConfigError as exc:
+            _fail_config(exc)
+        print("Config is well-formed")
+        return
+    # One line per job of a sweep; every job is checked, and the command fails if any is not well-formed.
+    job = f"#{hydra_cfg.job.num} {' '.join(hydra_cfg.overrides.task)}"
     try:
         validate(cfg)
     except ConfigError as exc:
-        _fail_config(exc)
-    print("Config is well-formed")
+        _failed_jobs.append(job)
+        print(f"{job}: {exc}", file=sys.stderr)
+        return
+    print(f"{job}: Config is well-formed")
+
+
+def _validate(argv: list[str]) -> int:
+    """``validate`` writes nothing: no run folder, no logs; a sweep's folder (``multirun.yaml``) is
+    a temporary one."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="hydraserve-validate-") as sweep_dir:
+        return _hydra_app("validate", "serve", _validate_task, argv,
+                          ["hydra.output_subdir=null", "hydra.run.dir=.", f"hydra.sweep.dir={sweep_dir}",
+                           "hydra.sweep.subdir=.", "hydra/job_logging=none", "hydra/hydra_logging=none"])
 
 
 def _bench_task(cfg) -> None:
@@ -133,13 +170,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command == "serve":
-        return _hydra_app("serve", _serve_task, rest)
+        return _hydra_app("serve", "serve", _serve_task, rest)
     if command == "validate":
-        return _hydra_app("serve", _validate_task,
-                          ["hydra.output_subdir=null", "hydra.run.dir=.", "hydra/job_logging=none",
-                           "hydra/hydra_logging=none", *rest])
+        return _validate(rest)
     if command == "bench":
-        return _hydra_app("bench", _bench_task, rest)
+        return _hydra_app("bench", "bench", _bench_task, rest)
     if command == "plugins":
         return _plugins(rest)
     if command == "cache":
