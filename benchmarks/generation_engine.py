@@ -8,6 +8,7 @@ every baseline in the same run:
   (b) one left-padded static ``generate`` batch of all prompts;
   (c) the engine with every prompt concurrent (max_num_seqs = number of prompts);
   (d) the engine with max_num_seqs=1 (what continuous batching adds over the same engine serial);
+  (e) transformers' own continuous batching (``model.generate_batch``, paged KV cache);
   batch-1 TTFT and inter-token latency of the engine against a bare transformers loop
   (``model(...)`` with a DynamicCache and argmax, the least a transformers user can do);
   greedy agreement: how many of (c)'s outputs equal (a)'s in the first 32 tokens.
@@ -65,6 +66,18 @@ def static_batch_generate(model, prompts, n, eos, pad):
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False, pad_token_id=pad)
     elapsed = time.perf_counter() - t0
     return [until_eos(row[width:].tolist(), eos) for row in out], elapsed
+
+
+def transformers_continuous_batching(model, prompts, n, eos, pad):
+    """transformers' own continuous batching (``generate_batch``, paged KV cache), warm-up excluded."""
+    from transformers import GenerationConfig
+
+    gc = GenerationConfig(max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+    model.generate_batch(inputs=prompts[:2], generation_config=gc)  # its own warm-up, outside the timing
+    t0 = time.perf_counter()
+    out = model.generate_batch(inputs=prompts, generation_config=gc)
+    elapsed = time.perf_counter() - t0
+    return [until_eos(list(out[f"req_{i}"].generated_tokens), eos) for i in range(len(prompts))], elapsed
 
 
 def engine_run(model, tokenizer, prompts, n, max_num_seqs, ignore_eos=False):
@@ -130,6 +143,7 @@ def main() -> None:
         static, static_s = static_batch_generate(model, prompts, n, eos, tokenizer.pad_token_id or eos)
         conc, conc_s, _ = engine_run(model, tokenizer, prompts, n, len(prompts))
         one, one_s, _ = engine_run(model, tokenizer, prompts, n, 1)
+        tcb, tcb_s = transformers_continuous_batching(model, prompts, n, eos, tokenizer.pad_token_id or eos)
         # Batch 1 latency on the first prompt, n tokens regardless of EOS, best of two runs each.
         bare = min((bare_loop(model, prompts[0], n) for _ in range(2)), key=lambda t: latency(t)[1])
         eng = min((engine_run(model, tokenizer, prompts[:1], n, 1, ignore_eos=True)[2][0] for _ in range(2)),
@@ -143,15 +157,17 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 dequantized to fp32)", "prompts": len(prompts),
         "new_tokens": n, "torch_threads": torch.get_num_threads(), "load_s": round(load_s, 1),
         "tokens_per_s": {"a_sequential_generate": tps(seq, seq_s), "b_static_batch_generate": tps(static, static_s),
-                         "c_engine_concurrent": tps(conc, conc_s), "d_engine_max_num_seqs_1": tps(one, one_s)},
+                         "c_engine_concurrent": tps(conc, conc_s), "d_engine_max_num_seqs_1": tps(one, one_s),
+                         "e_transformers_generate_batch": tps(tcb, tcb_s)},
         "output_tokens": {"a": sum(map(len, seq)), "b": sum(map(len, static)), "c": sum(map(len, conc)),
-                          "d": sum(map(len, one))},
+                          "d": sum(map(len, one)), "e": sum(map(len, tcb))},
         "batch1_ms": {"bare_loop": dict(zip(("ttft", "itl_p50"), latency(bare), strict=True)),
                       "engine": dict(zip(("ttft", "itl_p50"), latency(eng), strict=True))},
         "agreement_first32_with_sequential": {
             "engine_concurrent": sum(o[:32] == f for o, f in zip(conc, first32, strict=True)),
             "engine_max_num_seqs_1": sum(o[:32] == f for o, f in zip(one, first32, strict=True)),
-            "static_batch": sum(o[:32] == f for o, f in zip(static, first32, strict=True))},
+            "static_batch": sum(o[:32] == f for o, f in zip(static, first32, strict=True)),
+            "transformers_generate_batch": sum(o[:32] == f for o, f in zip(tcb, first32, strict=True))},
     }
     t = res["tokens_per_s"]
     res["ratios"] = {
@@ -160,6 +176,7 @@ def main() -> None:
         "c_over_d": t["c_engine_concurrent"] / t["d_engine_max_num_seqs_1"],
         "b_over_a": t["b_static_batch_generate"] / t["a_sequential_generate"],
         "d_over_a": t["d_engine_max_num_seqs_1"] / t["a_sequential_generate"],
+        "c_over_e": t["c_engine_concurrent"] / t["e_transformers_generate_batch"],
         "engine_itl_over_bare": res["batch1_ms"]["engine"]["itl_p50"] / res["batch1_ms"]["bare_loop"]["itl_p50"],
         "engine_ttft_over_bare": res["batch1_ms"]["engine"]["ttft"] / res["batch1_ms"]["bare_loop"]["ttft"],
     }
@@ -177,14 +194,16 @@ def main() -> None:
         "| run | output tokens/s | ratio to (a) |", "| --- | ---: | ---: |",
         *(f"| {k} | {v:.1f} | {v / t['a_sequential_generate']:.2f}x |" for k, v in t.items()), "",
         f"Engine concurrent / engine max_num_seqs=1: **{r['c_over_d']:.2f}x**; "
-        f"engine concurrent / static batch: **{r['c_over_b']:.2f}x**.", "",
+        f"engine concurrent / static batch: **{r['c_over_b']:.2f}x**; "
+        f"engine concurrent / transformers generate_batch: **{r['c_over_e']:.2f}x**.", "",
         "| batch 1 | TTFT ms | ITL p50 ms |", "| --- | ---: | ---: |",
         f"| bare transformers loop | {b1['bare_loop']['ttft']:.1f} | {b1['bare_loop']['itl_p50']:.1f} |",
         f"| engine | {b1['engine']['ttft']:.1f} | {b1['engine']['itl_p50']:.1f} |",
         f"| engine / bare | {r['engine_ttft_over_bare']:.2f}x | {r['engine_itl_over_bare']:.2f}x |", "",
         f"Greedy agreement with sequential generate (first 32 tokens): engine concurrent "
         f"{agree['engine_concurrent']}/{len(prompts)}, engine max_num_seqs=1 {agree['engine_max_num_seqs_1']}/"
-        f"{len(prompts)}, static batch {agree['static_batch']}/{len(prompts)}.", "",
+        f"{len(prompts)}, static batch {agree['static_batch']}/{len(prompts)}, transformers generate_batch "
+        f"{agree['transformers_generate_batch']}/{len(prompts)}.", "",
     ]
     (RESULTS / "generation_engine.md").write_text("\n".join(md))
 
