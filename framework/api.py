@@ -14,15 +14,15 @@ from typing import Any
 
 import litserve as ls
 import orjson
-from litserve.loops.base import LitLoop
 
 from framework import tracing
 from framework.config import Resolved, validate
+from framework.litserve_adapter import HydraLoopBase
 
 log = logging.getLogger("hydraserve.worker")
 
 
-class HydraLoop(LitLoop):
+class HydraLoop(HydraLoopBase):
     """LitServe loop that hands the worker to ``framework.worker.serve_forever``."""
 
     def __init__(self) -> None:
@@ -30,11 +30,7 @@ class HydraLoop(LitLoop):
         self.factory = None  # set by the server once the transport exists, before workers spawn
         self.reports = None  # Manager dict: worker start-up reports and errors, read by /info
 
-    def pre_setup(self, lit_api: ls.LitAPI, spec: Any = None) -> None:
-        pass
-
-    def __call__(self, lit_api, device, worker_id, request_queue, transport, workers_setup_status,
-                 callback_runner) -> None:  # noqa: D102 - LitServe's signature
+    def serve(self, lit_api: ls.LitAPI, device: Any, worker_id: int) -> None:
         from framework.worker import serve_forever
 
         if self.reports is not None:

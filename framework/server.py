@@ -1,18 +1,9 @@
-"""``HydraServer``: LitServer 0.2.19 with our transport, request path and endpoints.
+"""``HydraServer``: the composed server, on LitServe through ``framework/litserve_adapter.py``.
 
-What we keep from LitServe: spawning workers per device (``launch_inference_worker``), the
-worker setup status, several forked API processes sharing one socket, graceful shutdown.
-What we replace, and why:
-
-* ``_init_manager``: the request queue and answer transport become a ``ChannelFactory`` (Unix
-  sockets by default: no manager round trip, no helper threads, no polling); the Manager remains
-  for setup status only.
-* ``register_endpoints``: our ``Gateway`` (decode, cache, admission control, deadlines, tracing)
-  on plain Starlette routes; no GZip middleware (it costs CPU on every embedding response).
-* ``_start_worker_monitoring``: LitServe's monitor fails in-flight requests by scanning a response
-  buffer that lives in the main process, where forked API processes never write. Ours restarts the
-  worker; API processes on the fast path see the dead worker's sockets close and fail its
-  in-flight requests at once with a clear 503 (the stock path is told through its transport).
+It builds the channels (``server.transport``), the ``Gateway`` each API process starts, the
+middleware (API key, error bodies, connection bounds) and the endpoints, and answers ``/info``.
+Which LitServe parts it uses and which it replaces, and why, is the adapter's docstring: nothing
+here touches LitServe beyond its public API.
 """
 
 from __future__ import annotations
@@ -21,17 +12,12 @@ import contextlib
 import logging
 import multiprocessing as mp
 import os
-import threading
 import time
 from contextlib import asynccontextmanager
-from multiprocessing.managers import SyncManager
 from typing import Any
 
-import litserve as ls
 import orjson
 from fastapi import FastAPI
-from litserve.transport.factory import create_transport_from_config
-from litserve.utils import WorkerSetupStatus
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -39,9 +25,11 @@ from framework import metrics
 from framework.api import ComposedAPI
 from framework.config import Resolved
 from framework.http import Gateway, json_response
-from framework.lifecycle import die_with_parent, gc_state
+from framework.lifecycle import gc_state
+from framework.litserve_adapter import LitServerAdapter
 from framework.security import ApiKeyMiddleware, install_error_handlers, redact
 from framework.transport.fast import FastChannelFactory
+from framework.transport.protocol import encode_worker_dead
 from framework.transport.stock import StockChannelFactory
 
 log = logging.getLogger("hydraserve.server")
@@ -57,12 +45,12 @@ def skip_fastapi_telemetry(app: FastAPI) -> None:
         config.update(tracing=False, metrics=False, logs=False)
 
 
-class HydraServer(ls.LitServer):
+class HydraServer(LitServerAdapter):
     def __init__(self, resolved: Resolved, output_dir: str):
         self.resolved = resolved
         self.output_dir = output_dir
         self.started_at = time.time()
-        self._stopping = False  # set when a shutdown starts, so the monitor never restarts a worker then
+        self.startup_timeout_s = resolved.server.startup_timeout_s
         self.api = ComposedAPI(resolved.raw, output_dir)
         # Shared by every forked API process: admitted-but-unanswered requests (server.max_queue).
         self.admitted = mp.get_context("fork").Value("i", 0)
@@ -81,39 +69,34 @@ class HydraServer(ls.LitServer):
         skip_fastapi_telemetry(self.app)
         self.gateway: Gateway | None = None
 
-    # --- transport ------------------------------------------------------------------------------
-    def _init_manager(self, num_api_servers: int):
-        manager = self._start_manager(num_api_servers)
-        num_workers = len(self._inference_workers_config_for_api(self.api.api_path))
+    # --- the adapter's hooks ------------------------------------------------------------------
+    def create_channels(self, manager, num_workers: int, stock_queue: Any, stock_transport: Any) -> None:
         if self.resolved.server.transport == "fast":
             self.factory = FastChannelFactory(num_workers)
         else:
-            self.factory = StockChannelFactory(self.litapi_request_queues[self.api.api_path], self._transport)
+            self.factory = StockChannelFactory(stock_queue, stock_transport)
         self.reports = manager.dict()
         self.api.loop.factory = self.factory
         self.api.loop.reports = self.reports
         self.gateway = Gateway(self.resolved, self.factory, self.admitted, self.output_dir)
-        return manager
 
-    def _start_manager(self, num_api_servers: int) -> SyncManager:
-        """LitServe 0.2.19's ``_init_manager``, except that the Manager process dies with the server.
+    def add_middleware(self, app: Any) -> None:
+        # Outermost: the API key guards every path, whatever registered it.
+        server = self.resolved.server
+        app.add_middleware(ApiKeyMiddleware, key=os.environ.get(server.api_key_env) or None,
+                           public_paths=tuple(server.public_paths))
+        install_error_handlers(app)
 
-        It is forked after the listening socket is bound, so it inherits that socket: left alive by
-        a SIGKILLed main process, it would keep the port bound and swallow connections.
-        """
-        manager = SyncManager(ctx=mp.get_context())
-        manager.start(initializer=die_with_parent)
-        self.transport_config.manager = manager
-        self.transport_config.num_consumers = num_api_servers
-        self.workers_setup_status = manager.dict()
-        self._shutdown_event = manager.Event()
-        for lit_api in self.litapi_connector:
-            self.litapi_request_queues[lit_api.api_path] = manager.Queue()
-        if self._logger_connector._loggers:
-            self.logger_queue = manager.Queue()
-        self._logger_connector.run(self)
-        self._transport = create_transport_from_config(self.transport_config)
-        return manager
+    def worker_died(self, index: int, api_pids: list[int]) -> None:
+        self.factory.notify_api_processes(encode_worker_dead(index), api_pids)
+
+    def worker_errors(self) -> list[str]:
+        return [v for k, v in self.reports.items() if k.startswith("error-")]
+
+    def on_shutdown(self) -> None:
+        factory = getattr(self, "factory", None)
+        if factory is not None:
+            factory.close()
 
     def run(self, *args, **kwargs):
         """LitServer.run with the connection bounds (framework/connections.py) as uvicorn's protocol;
@@ -124,97 +107,16 @@ class HydraServer(ls.LitServer):
         kwargs.setdefault("http", bounded_protocol(s.header_timeout_s, s.body_timeout_s, s.max_connections,
                                                    s.retry_after_s))
         kwargs.setdefault("timeout_keep_alive", s.keep_alive_timeout_s)
-        self._fatal: str | None = None
+        self._fatal = None
         super().run(*args, **kwargs)
         if self._fatal:
             raise RuntimeError(self._fatal)
 
-    def verify_worker_status(self):
-        deadline = time.monotonic() + self.resolved.server.startup_timeout_s
-        while not any(v == WorkerSetupStatus.READY for v in self.workers_setup_status.values()):
-            if any(v == WorkerSetupStatus.ERROR for v in self.workers_setup_status.values()):
-                errors = [v for k, v in self.reports.items() if k.startswith("error-")]
-                raise RuntimeError("an inference worker failed to start: " + ("; ".join(errors) or "see log above"))
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"no inference worker was ready after {self.resolved.server.startup_timeout_s} s "
-                                   "(server.startup_timeout_s)")
-            time.sleep(0.05)
-
-    def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason: str = "normal"):
-        # Set first: workers terminated by the shutdown must not look like crashes to the monitor
-        # (it would restart them, or start a second shutdown). A plain flag: after Ctrl-C/SIGTERM the
-        # main thread's connection to the Manager (behind _shutdown_event) may be mid-call and unusable.
-        self._stopping = True
-        try:
-            super()._perform_graceful_shutdown(manager, uvicorn_workers, shutdown_reason)
-        finally:
-            factory = getattr(self, "factory", None)
-            if factory is not None:
-                factory.close()
-
-    def _start_worker_monitoring(self, manager, uvicorn_workers):
-        """Watch the inference workers (restarted when they die) and the API processes.
-
-        A dead API (uvicorn) process stops the whole server, loudly and at once (non-zero exit), for
-        a supervisor to restart: it is not restarted in place. Its listening socket is shared with
-        the main process, so nothing refuses connections: they pile up in the backlog and every
-        request, ``/health`` included, hangs. A replacement would have to be forked from this
-        multi-threaded main process mid-run, and the dead process took its admission slots
-        (``server.max_queue``, shared) and in-flight requests with it, unaccounted; a process killed
-        by SIGKILL (the OOM killer) is rare and severe enough that a clean restart of everything is
-        the robust answer. Stopping within ~0.2 s also closes the socket, so clients see refused
-        connections instead of hanging.
-        """
-        api_pids = [w.pid for w in uvicorn_workers.values() if getattr(w, "pid", None)]
-        api_procs = [w for w in uvicorn_workers.values() if hasattr(w, "exitcode")]  # processes, not threads
-
-        def api_process_died() -> bool:
-            for proc in api_procs:
-                if proc.is_alive() or self._stopping:
-                    continue
-                self._fatal = (f"API process {proc.name} (pid {proc.pid}) died with exit code {proc.exitcode}; "
-                               "stopping the server (its port would otherwise hang every request)")
-                log.critical("%s", self._fatal)
-                self._stopping = True
-                with contextlib.suppress(Exception):
-                    self._shutdown_event.set()  # the main thread's wait returns; run() shuts down and raises
-                return True
-            return False
-
-        def monitor() -> None:
-            while not self._stopping and not self._shutdown_event.is_set():
-                if api_process_died():
-                    return
-                for idx, proc in enumerate(self.inference_workers):
-                    if proc.is_alive() or self._stopping:
-                        continue
-                    log.error("inference worker %d (pid %s) died with exit code %s", idx, proc.pid, proc.exitcode)
-                    self.factory.notify_api_processes(orjson.dumps({"dead": idx}), api_pids)
-                    if not self.restart_workers:
-                        self._perform_graceful_shutdown(manager, uvicorn_workers, f"worker {idx} died")
-                        return
-                    self.inference_workers[idx] = self.launch_single_inference_worker(self.api, idx)
-                    log.info("inference worker %d restarted", idx)
-                time.sleep(0.2)
-
-        threading.Thread(target=monitor, daemon=True, name="hydraserve-monitor").start()
-
     # --- HTTP -----------------------------------------------------------------------------------
-    def _register_middleware(self):
-        # LitServe appends GZipMiddleware; compressing every JSON answer costs latency on loopback.
-        self.middlewares = [m for m in self.middlewares if not (isinstance(m, tuple) and m[0].__name__ ==
-                                                                "GZipMiddleware")]
-        super()._register_middleware()
-        # Added last, so outermost: the API key guards every path, whatever registered it.
-        server = self.resolved.server
-        self.app.add_middleware(ApiKeyMiddleware, key=os.environ.get(server.api_key_env) or None,
-                                public_paths=tuple(server.public_paths))
-        install_error_handlers(self.app)
-
     @asynccontextmanager
     async def lifespan(self, app: FastAPI):
         gateway = self.gateway
-        await gateway.start(app.response_queue_id or 0)
+        await gateway.start(self.api_process_index(app))
         try:
             yield
         finally:
@@ -231,8 +133,7 @@ class HydraServer(ls.LitServer):
             return await self.gateway.embeddings(request)
 
         async def health(request: Request) -> Response:
-            status = dict(self.workers_setup_status) if getattr(self, "workers_setup_status", None) else {}
-            ready = bool(status) and all(v == WorkerSetupStatus.READY for v in status.values())
+            ready = self.workers_ready()
             return Response("ok" if ready else "not ready", status_code=200 if ready else 503,
                             headers=None if ready else {"Retry-After": "1"})
 
