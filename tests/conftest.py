@@ -13,6 +13,25 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
+def example_plugin_site(tmp_path_factory) -> Path:
+    """examples/custom_plugin, installed with pip (offline, no deps) into a private folder that tests
+    put on sys.path or PYTHONPATH: never into the shared venv, so other tests see only the built-ins."""
+    import shutil
+    import subprocess
+    import sys
+
+    example = Path(__file__).resolve().parent.parent / "examples" / "custom_plugin"
+    root = tmp_path_factory.mktemp("custom_plugin")
+    src = root / "src"
+    # Build from a copy: setuptools writes build/ and *.egg-info next to the sources.
+    shutil.copytree(example, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    site = root / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--no-index", "--target", str(site), str(src)], check=True, timeout=240)
+    return site
+
+
+@pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     from plugins.model.tiny import TinyModel
 

@@ -8,7 +8,6 @@ overrides, and any unknown top-level key, are refused before Hydra runs anything
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -148,16 +147,10 @@ def test_hydra_errors_name_the_subcommand_that_was_run(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def plugin_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """examples/custom_plugin pip-installed into a private folder (as tests/test_custom_plugin.py does),
-    so its `hydraserve.conf` entry point puts a `hydra.searchpath` override in front of the user's words."""
-    root = tmp_path_factory.mktemp("custom_plugin_cli")
-    src = root / "src"
-    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    site = root / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(site), str(src)], check=True, timeout=240)
-    return site
+def plugin_site(example_plugin_site: Path) -> Path:
+    """The example plugin installed (conftest), so its `hydraserve.conf` entry point puts a
+    `hydra.searchpath` override in front of the user's words."""
+    return example_plugin_site
 
 
 def test_multirun_with_a_plugin_package_installed(tmp_path, plugin_site):

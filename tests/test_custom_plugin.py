@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,16 +29,8 @@ def _forget_example_modules() -> None:
 
 
 @pytest.fixture(scope="module")
-def site_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The example package, installed with pip (offline, no deps) into a private folder."""
-    root = tmp_path_factory.mktemp("custom_plugin")
-    src = root / "src"
-    # Build from a copy: setuptools writes build/ and *.egg-info next to the sources.
-    shutil.copytree(EXAMPLE, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    site = root / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-                    "--no-index", "--target", str(site), str(src)], check=True, timeout=240)
-    return site
+def site_dir(example_plugin_site: Path) -> Path:
+    return example_plugin_site
 
 
 @pytest.fixture
