@@ -81,14 +81,20 @@ def encode_request(rid: str, reply_to: str | int, items: list, arrival: float, d
     return orjson.dumps(message)
 
 
-def decode_request(raw: bytes) -> RequestFrame:
-    """The request in ``raw``; ``ProtocolError`` naming what is wrong when it is not one."""
+def _object(raw: bytes, what: str) -> dict:
+    """The JSON object a ``what`` frame holds; ``ProtocolError`` when it is not JSON or not an object."""
     try:
         msg = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
-        raise ProtocolError(f"request frame is not JSON: {exc}") from None
+        raise ProtocolError(f"{what} frame is not JSON: {exc}") from None
     if not isinstance(msg, dict):
-        raise ProtocolError(f"request frame must be an object, got {type(msg).__name__}")
+        raise ProtocolError(f"{what} frame must be an object, got {type(msg).__name__}")
+    return msg
+
+
+def decode_request(raw: bytes) -> RequestFrame:
+    """The request in ``raw``; ``ProtocolError`` naming what is wrong when it is not one."""
+    msg = _object(raw, "request")
     rid, reply_to, items = msg.get("id"), msg.get("to"), msg.get("items")
     if not isinstance(rid, str):
         raise ProtocolError("request frame has no string 'id'")
@@ -172,12 +178,7 @@ _KINDS = ("out", "err", "chunk", "end")
 def decode_reply(raw: bytes) -> Reply:
     """The reply in ``raw`` (its span trailer split off unparsed); ``ProtocolError`` if malformed."""
     head, newline, spans = raw.partition(b"\n")
-    try:
-        msg = orjson.loads(head)
-    except orjson.JSONDecodeError as exc:
-        raise ProtocolError(f"reply frame is not JSON: {exc}") from None
-    if not isinstance(msg, dict):
-        raise ProtocolError(f"reply frame must be an object, got {type(msg).__name__}")
+    msg = _object(head, "reply")
     if "dead" in msg:
         if type(msg["dead"]) is not int:
             raise ProtocolError("worker-dead frame must name an integer worker")
