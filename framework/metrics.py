@@ -192,10 +192,9 @@ def _remove_dir(path: str, pid: int) -> None:
 
 def _reset() -> None:
     """Forget this process's metric objects; the next observation makes them in the current folder."""
-    global _m, _last_queue_depth
+    global _m
     with _m_lock:
         _m = None
-        _last_queue_depth = None
         # A fresh value class: the old one keeps its open files (in the old folder) by file name.
         values.ValueClass = values.get_value_class()
 
@@ -246,19 +245,9 @@ def request_finished() -> None:
     (_m or _metrics()).in_flight.dec()
 
 
-_last_queue_depth: int | None = None
-
-
 def set_queue_depth(depth: int) -> None:
-    """This process's share of the queue depth (the exported value is the sum over live processes).
-
-    Written only when it changes: the worker reports it before and after every batch, and at
-    concurrency 1 it is the same value almost every time (a multiprocess gauge write is an mmap store).
-    """
-    global _last_queue_depth
-    if depth != _last_queue_depth:
-        _last_queue_depth = depth
-        (_m or _metrics()).queue_depth.set(depth)
+    """This process's share of the queue depth (the exported value is the sum over live processes)."""
+    (_m or _metrics()).queue_depth.set(depth)
 
 
 def queue_depth_add(delta: int) -> None:
