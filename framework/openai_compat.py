@@ -1,7 +1,8 @@
 """OpenAI-compatible ``POST /v1/embeddings``, so the official ``openai`` client works unchanged.
 
 The client asks for ``encoding_format="base64"`` by default (little-endian float32), so both
-``float`` and ``base64`` are served.
+``float`` and ``base64`` are served. A malformed body is a 400 (OpenAI's ``invalid_request_error`` status);
+the HTTP layer turns the ``RequestError`` into OpenAI's error object with ``param`` = its ``field``.
 """
 
 from __future__ import annotations
@@ -19,18 +20,18 @@ ENCODINGS = ("float", "base64")
 def request_items(body: dict) -> tuple[dict, str]:
     """The ``/predict``-shaped body for the model's ``decode`` and the encoding format asked for."""
     if "input" not in body:
-        raise RequestError("missing field 'input'", field="input")
+        raise RequestError("missing field 'input'", field="input", status=400)
     value = body["input"]
     if isinstance(value, list) and value and all(isinstance(v, int) for v in value) or (
         isinstance(value, list) and value and all(isinstance(v, list) for v in value)
     ):
-        raise RequestError("token-id inputs are not supported; send text", field="input")
+        raise RequestError("token-id inputs are not supported; send text", field="input", status=400)
     fmt = body.get("encoding_format", "float") or "float"
     if fmt not in ENCODINGS:
         raise RequestError(f"'encoding_format' must be one of {', '.join(ENCODINGS)}, got {fmt!r}",
-                           field="encoding_format")
+                           field="encoding_format", status=400)
     if body.get("dimensions") is not None:
-        raise RequestError("'dimensions' is not supported by this model; omit it", field="dimensions")
+        raise RequestError("'dimensions' is not supported by this model; omit it", field="dimensions", status=400)
     return {"input": value}, fmt
 
 
