@@ -158,6 +158,72 @@ class ModelPlugin(Plugin):
         return {}
 
 
+class GenerativeModelPlugin(ModelPlugin):
+    """A model that generates text token by token (chat, completions), served through the OpenAI
+    routes (``/v1/chat/completions``, ``/v1/completions``, ``/v1/models``) by the generation engine
+    (``framework.generation``) under ``batching=continuous``.
+
+    The API process parses and validates OpenAI bodies itself (``framework/openai_generation.py``)
+    and sends the worker a *prompt*: ``{"messages": [{"role", "content"}, ...]}`` for chat or
+    ``{"text": "..."}`` for completions. Tokenizing happens in the worker (``prompt_ids``), so an API
+    process never loads a tokenizer. ``decode`` / ``encode`` / ``/predict`` are not used.
+
+    Example::
+
+        class MyLM(GenerativeModelPlugin):
+            def load(self, device):
+                self.tokenizer, self.module = load_my_model()
+            def prompt_ids(self, prompt):
+                return self.tokenizer(prompt["text"])["input_ids"]
+            def batched_forward(self, max_num_seqs, max_model_len):
+                return MyBatchedForward(self.module, max_num_seqs, max_model_len)
+    """
+
+    task: ClassVar[str] = "chat"
+    max_items_per_request: ClassVar[int] = 1
+
+    #: set by ``load``: a transformers tokenizer (``decode``, ``eos_token_id``) for detokenizing.
+    tokenizer: Any = None
+
+    def served_name(self) -> str:
+        """The model id ``/v1/models`` lists and responses carry (API process; must be cheap)."""
+        return str(getattr(self.config, "served_name", "") or type(self).__name__)
+
+    def prompt_ids(self, prompt: dict) -> list[int]:
+        """Token ids of a prompt (worker side): chat messages through the model's chat template, or a
+        completion's text. Raise ``RequestError`` for a prompt this model cannot take."""
+        raise NotImplementedError
+
+    def eos_token_ids(self) -> list[int]:
+        """Token ids that end a generation (besides a request's stop strings)."""
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        return [] if eos is None else [int(eos)]
+
+    def batched_forward(self, max_num_seqs: int, max_model_len: int) -> Any:
+        """A ``framework.generation.BatchedCausalLM`` over the loaded weights, with a KV cache of
+        ``max_num_seqs`` slots of ``max_model_len`` positions (worker side, after ``load``)."""
+        raise NotImplementedError
+
+    def kv_bytes_per_token(self) -> int | None:
+        """Bytes of KV cache one token position takes (for the start-up report); ``None`` if unknown."""
+        return None
+
+    def warmup_prompt(self) -> dict:
+        """A prompt generated once at start-up so the first request does not pay for cold paths."""
+        return {"text": "Hello"}
+
+    def check(self, ctx: CheckContext) -> list[str]:
+        found = []
+        if ctx.batching is not None and ctx.batching.engine_config() is None:
+            found.append("batching: a generative model runs on the continuous-batching engine; "
+                         "use batching=continuous")
+        if ctx.quantization is not None and not ctx.quantization.is_identity():
+            found.append(f"quantization: the generation engine runs the weights as loaded for now; "
+                         f"quantization={ctx.quantization.scheme_name} is not supported with a generative model "
+                         "(use quantization=none)")
+        return found
+
+
 # -------------------------------------------------------------------------------------- quantization
 class QuantizationPlugin(Plugin):
     """Rewrites a loaded ``torch.nn.Module`` to another numeric format."""
@@ -228,6 +294,12 @@ class BatchingPlugin(Plugin):
 
     def record(self, batch_items: int, seconds: float) -> None:
         """Learn from a batch that just ran (``seconds`` of forward+pre/post time)."""
+
+    def engine_config(self) -> Any:
+        """The generation engine's budgets (a ``framework.generation.EngineConfig``) when this batcher
+        schedules token generation step by step (``batching=continuous``); ``None`` for the batchers of
+        one-shot models."""
+        return None
 
 
 # --------------------------------------------------------------------------------------------- cache
