@@ -5,6 +5,9 @@
   ``server.public_paths``. The key is compared in constant time.
 * ``install_error_handlers``: Starlette/FastAPI's own errors (404, 405, a validation error, a bug in a
   route) answer the documented ``{"error": ..., "detail": ...}`` instead of ``{"detail": ...}``.
+* On ``/v1/`` paths (the OpenAI-compatible routes) both answer OpenAI's error object instead,
+  ``{"error": {"message", "type", "param", "code"}}``, which the official clients parse into their
+  exceptions (``openai.AuthenticationError``, ``NotFoundError``...).
 * ``redact``: a copy of a config (or any JSON-like data) with the values of secret-looking keys hidden.
 """
 
@@ -16,6 +19,8 @@ import re
 from typing import Any
 
 import orjson
+
+from framework.openai_generation import error_body
 
 log = logging.getLogger("hydraserve.security")
 
@@ -56,6 +61,19 @@ def redact(value: Any, hide: bool = False) -> Any:
 
 UNAUTHORIZED = orjson.dumps({"error": "missing or invalid API key",
                              "detail": "send it in the X-API-Key header (or Authorization: Bearer)"})
+OPENAI_PREFIX = "/v1/"
+# OpenAI's own 401 bodies: type authentication_error, code invalid_api_key. The key given is not echoed.
+OPENAI_MISSING_KEY = orjson.dumps(error_body(
+    401, "You didn't provide an API key. Send it as 'Authorization: Bearer <key>' (the openai client's "
+    "api_key) or in the X-API-Key header.", code="invalid_api_key"))
+OPENAI_WRONG_KEY = orjson.dumps(error_body(
+    401, "Incorrect API key provided. Use this server's API key (not an OpenAI key), sent as "
+    "'Authorization: Bearer <key>' or in the X-API-Key header.", code="invalid_api_key"))
+
+
+def is_openai_path(path: str) -> bool:
+    """The OpenAI-compatible routes live under ``/v1/``; their errors use OpenAI's error object."""
+    return path.startswith(OPENAI_PREFIX)
 
 
 def presented_key(headers: list[tuple[bytes, bytes]]) -> bytes | None:
@@ -91,25 +109,41 @@ class ApiKeyMiddleware:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
+        body = UNAUTHORIZED
+        if is_openai_path(scope["path"]):
+            body = OPENAI_MISSING_KEY if given is None else OPENAI_WRONG_KEY
         await send({"type": "http.response.start", "status": 401, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(UNAUTHORIZED)).encode()),
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
             (b"www-authenticate", b'Bearer realm="hydraserve"')]})
-        await send({"type": "http.response.body", "body": UNAUTHORIZED})
+        await send({"type": "http.response.body", "body": body})
 
 
 # ----------------------------------------------------------------------------------- error bodies
 
 
 def install_error_handlers(app) -> None:
-    """Errors raised by Starlette/FastAPI themselves answer ``{"error": ..., "detail": ...}``."""
+    """Errors raised by Starlette/FastAPI themselves answer ``{"error": ..., "detail": ...}``, or OpenAI's
+    error object on ``/v1/`` paths."""
     from fastapi.encoders import jsonable_encoder
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException
 
-    from framework.http import error_response
+    from framework.http import error_response, json_response
+
+    def openai_error(status: int, message: str, param: str | None = None, headers: dict | None = None):
+        return json_response(error_body(status, message, param), status, headers)
 
     async def http_error(request, exc: HTTPException):
         method, path = request.method, request.url.path
+        if is_openai_path(path):
+            if exc.status_code == 404:
+                message = f"no endpoint at {method} {path}; the OpenAI-compatible routes are under /v1/"
+            elif exc.status_code == 405:
+                allowed = (exc.headers or {}).get("Allow", "")
+                message = f"{method} is not allowed on {path}" + (f"; use {allowed}" if allowed else "")
+            else:
+                message = str(exc.detail)
+            return openai_error(exc.status_code, message, headers=exc.headers)
         if exc.status_code == 404:
             error, detail = f"no endpoint at {path}", "see the endpoints in the README (POST /predict, GET /health...)"
         elif exc.status_code == 405:
@@ -120,9 +154,17 @@ def install_error_handlers(app) -> None:
         return error_response(exc.status_code, error, detail, headers=exc.headers)
 
     async def validation_error(request, exc: RequestValidationError):
-        return error_response(422, "request is not valid", jsonable_encoder(exc.errors()))
+        errors = jsonable_encoder(exc.errors())
+        if is_openai_path(request.url.path):
+            first = errors[0] if errors else {}
+            param = ".".join(str(p) for p in first.get("loc", ())) or None
+            message = f"request is not valid: {param}: {first.get('msg', '')}" if param else "request is not valid"
+            return openai_error(422, message, param)
+        return error_response(422, "request is not valid", errors)
 
     async def server_error(request, exc: Exception):  # Starlette logs the traceback after this answer
+        if is_openai_path(request.url.path):
+            return openai_error(500, "internal server error; see the server log")
         return error_response(500, "internal server error", "see the server log")
 
     app.add_exception_handler(HTTPException, http_error)
