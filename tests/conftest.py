@@ -84,3 +84,11 @@ def pytest_configure(config):
         from plugins.model._torchvision_compat import import_models
 
         import_models()
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory) -> Path:
+    """A tiny random-weight Llama chat model folder (tests/tiny_chat_model.py), for model=hf_causal_lm."""
+    from tiny_chat_model import write_tiny_chat_model  # tests/ is on sys.path (conftest.py's folder)
+
+    return write_tiny_chat_model(tmp_path_factory.mktemp("tiny_chat"))

@@ -1,0 +1,165 @@
+"""A Hugging Face causal LM as a ``GenerativeModelPlugin``: chat / completion prompts to token ids, the
+batched forward the generation engine steps, and the model's end-of-sequence ids.
+
+Shared by ``smollm2`` (SmolLM2-135M-Instruct from the packaged GGUF) and ``hf_causal_lm`` (any local
+HF causal-LM folder). Weights are read from disk only (``local_files_only``): nothing is downloaded.
+The batched forward is architecture-specific; ``BATCHED_FORWARDS`` lists the ``model_type`` values
+that have one, and any other architecture is refused with that list.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from framework import GenerativeModelPlugin, RequestError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _llama_forward(model: Any, max_num_seqs: int, max_model_len: int) -> Any:
+    from plugins.model._llama_batched import LlamaBatchedForward
+
+    return LlamaBatchedForward(model, max_num_seqs, max_model_len)
+
+
+#: ``config.model_type`` -> the ``BatchedCausalLM`` builder for that architecture.
+BATCHED_FORWARDS = {"llama": _llama_forward}
+
+
+def unsupported_architecture(model_type: Any) -> str | None:
+    """Why ``model_type`` cannot be served (``None`` when it can)."""
+    if model_type in BATCHED_FORWARDS:
+        return None
+    return (f"model_type {model_type!r} has no batched forward for the generation engine; supported "
+            f"model_type values: {', '.join(sorted(BATCHED_FORWARDS))}")
+
+
+@dataclass
+class CausalLMConfig:
+    dtype: str = "float32"  # weights and KV cache: float32, bfloat16 or float16 (GGUF is dequantized to it)
+    served_name: str = ""  # the model id /v1/models lists and responses carry ("" = the plugin's default)
+    max_prompt_chars: int = 32_000  # characters of one prompt (all messages' contents together); 413 above
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.dtype not in DTYPES:
+            out.append(("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}"))
+        if self.max_prompt_chars < 1:
+            out.append(("max_prompt_chars", f"must be >= 1, got {self.max_prompt_chars}"))
+        return out
+
+
+class CausalLMPlugin(GenerativeModelPlugin):
+    """Subclasses say where the weights are: ``source()`` -> ``(path, gguf_file or None)``."""
+
+    Config = CausalLMConfig
+    default_served_name = "causal-lm"
+
+    # --- where the weights are (cheap; no weights read) ---------------------------------------
+    def source(self) -> tuple[Path, str | None]:
+        raise NotImplementedError
+
+    def served_name(self) -> str:
+        return str(self.config.served_name or self.default_served_name)
+
+    def identity(self) -> dict:
+        path, gguf_file = self.source()
+        ident: dict[str, Any] = {"model": self.served_name(), "path": str(path), "dtype": self.config.dtype}
+        if gguf_file is not None:
+            ident["gguf_file"] = gguf_file
+        return ident
+
+    # --- inference worker ------------------------------------------------------------------------
+    def torch_dtype(self) -> Any:
+        import torch
+
+        return getattr(torch, self.config.dtype)
+
+    def load(self, device: str) -> None:
+        from plugins.model._causal_lm import load_causal_lm
+
+        path, gguf_file = self.source()
+        self.device = device
+        self.tokenizer, model = load_causal_lm(path, gguf_file, dtype=self.torch_dtype())
+        why = unsupported_architecture(getattr(model.config, "model_type", None))
+        if why is not None:
+            raise ValueError(f"{type(self).__name__} cannot serve {path / (gguf_file or '')}: {why}")
+        self.module = model.eval().to(device)
+
+    def prompt_ids(self, prompt: dict) -> list[int]:
+        from plugins.model._causal_lm import chat_prompt_ids
+
+        if not isinstance(prompt, dict):
+            raise RequestError("a prompt is {\"messages\": [...]} or {\"text\": \"...\"}", field="prompt")
+        limit = self.config.max_prompt_chars
+        if "messages" in prompt:
+            messages = prompt["messages"]
+            if not isinstance(messages, list) or not messages:
+                raise RequestError("'messages' must be a non-empty list of {\"role\", \"content\"}", field="messages")
+            for i, m in enumerate(messages):
+                if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+                    raise RequestError(f"'messages[{i}]' must be {{\"role\": str, \"content\": str}}",
+                                       field=f"messages[{i}]")
+            chars = sum(len(m["content"]) for m in messages)
+            if chars > limit:
+                raise RequestError(f"the messages hold {chars} characters; at most {limit} (model.max_prompt_chars)",
+                                   field="messages", status=413)
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise RequestError(f"model {self.served_name()} has no chat template, so it cannot take chat "
+                                   "messages; send the prompt as text to /v1/completions", field="messages", status=400)
+            return chat_prompt_ids(self.tokenizer, messages)
+        if "text" in prompt:
+            text = prompt["text"]
+            if not isinstance(text, str):
+                raise RequestError("'prompt' must be a string", field="prompt")
+            if len(text) > limit:
+                raise RequestError(f"the prompt has {len(text)} characters; at most {limit} (model.max_prompt_chars)",
+                                   field="prompt", status=413)
+            # The tokenizer's own special-token behaviour (e.g. a BOS for Llama-2-style tokenizers).
+            return [int(t) for t in self.tokenizer(text)["input_ids"]]
+        raise RequestError("a prompt is {\"messages\": [...]} or {\"text\": \"...\"}", field="prompt")
+
+    def eos_token_ids(self) -> list[int]:
+        ids: list[int] = []
+        eos = getattr(self.tokenizer, "eos_token_id", None)
+        candidates: list[Any] = [eos]
+        gen = getattr(self.module, "generation_config", None)
+        gen_eos = getattr(gen, "eos_token_id", None)
+        candidates += gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
+        for t in candidates:
+            if t is not None and int(t) not in ids:
+                ids.append(int(t))
+        return ids
+
+    def batched_forward(self, max_num_seqs: int, max_model_len: int) -> Any:
+        model_type = getattr(self.module.config, "model_type", None)
+        why = unsupported_architecture(model_type)
+        if why is not None:
+            raise ValueError(why)
+        return BATCHED_FORWARDS[model_type](self.module, max_num_seqs, max_model_len)
+
+    def kv_bytes_per_token(self) -> int | None:
+        if self.module is None:
+            return None
+        cfg = self.module.config
+        heads = cfg.num_attention_heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        element = next(self.module.parameters()).element_size()
+        return 2 * cfg.num_hidden_layers * kv_heads * head_dim * element  # K and V, every layer
+
+    def warmup_prompt(self) -> dict:
+        if getattr(self.tokenizer, "chat_template", None):
+            return {"messages": [{"role": "user", "content": "Hello"}]}
+        return {"text": "Hello"}
+
+
+def folder_model_type(folder: Path) -> Any:
+    """``model_type`` from ``folder/config.json`` (``None`` if unreadable): checked before any weights load."""
+    try:
+        return json.loads((folder / "config.json").read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
