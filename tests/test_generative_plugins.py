@@ -132,9 +132,10 @@ def test_continuous_batching_refuses_a_one_shot_model():
 
 
 def test_continuous_budgets_are_validated():
-    text = _problems(["model=smollm2", "batching=continuous", "batching.max_num_seqs=0",
-                      "batching.max_num_batched_tokens=8", "batching.max_num_seqs=16"])
+    text = _problems(["model=smollm2", "batching=continuous", "batching.max_num_batched_tokens=8",
+                      "batching.max_waiting=0"])
     assert "batching.max_num_batched_tokens: must be > max_num_seqs (16)" in text
+    assert "batching.max_waiting: must be >= 1, got 0" in text
 
 
 def test_smollm2_needs_continuous_batching():
