@@ -104,13 +104,97 @@ def _measure(url: str, settings: BenchSettings, workload: Workload, label: str,
         url=url, path=settings.path, connections=settings.connections, timeout_s=settings.timeout_s,
         drain_s=settings.drain_s, warmup_s=settings.warmup_s, slo_ms=settings.slo_ms, client=settings.client,
         seed=settings.seed, max_requests=settings.max_requests, progress=settings.progress, label=f"{label} ",
-        first_answer_timeout_s=settings.startup_timeout_s)
+        first_answer_timeout_s=settings.startup_timeout_s,
+        stream=bool(workload.description.get("streaming")), chat_slo=_chat_slo(settings))
     return run_load(options, settings.stages(), workload, stop=stop, handle_sigint=True)
+
+
+def _chat_slo(settings: BenchSettings):
+    from framework.bench.chat import Slo
+
+    return Slo(settings.slo.ttft_ms, settings.slo.itl_ms, settings.slo.itl_metric)
+
+
+def served_model(url: str, timeout_s: float = 10.0) -> str | None:
+    """The first model id of ``GET /v1/models`` (OpenAI's list), or None when there is none."""
+    try:
+        status, body = asyncio.run(get_json(url, "/v1/models", timeout_s=timeout_s))
+    except Exception as exc:
+        log.warning("GET %s/v1/models failed: %s", url, exc)
+        return None
+    data = body.get("data") if status == 200 and isinstance(body, dict) else None
+    ids = [m.get("id") for m in data or [] if isinstance(m, dict) and m.get("id")]
+    return str(ids[0]) if ids else None
+
+
+def _chat_workload(settings: BenchSettings, url: str, results: dict) -> Workload:
+    """kind=chat is built once the target is up: the request bodies name its model."""
+    spec = _settings_dict(settings)["workload"]
+    if not spec.get("model"):
+        spec["model"] = served_model(url)
+        if spec["model"] is None:
+            log.warning("no model id from GET %s/v1/models: requests are sent without \"model\"", url)
+    total = planned_requests(settings.stages(), settings.max_requests)
+    workload = build(spec, total, settings.headers)
+    results["workload"] = {**workload.description, "mix": workload.mix()}
+    return workload
+
+
+def _write_request_rows(outcome: LoadResult, out_dir: Path) -> None:
+    """Streamed chat: one row per measured request (TTFT, TPOT, tokens, status) in requests.jsonl."""
+    import json
+
+    rows = [{"offered_rate": st.offered_rate, **row} for st in outcome.stages for row in getattr(st, "requests", [])]
+    if rows:
+        with open(out_dir / "requests.jsonl", "w") as fh:
+            fh.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def run_chat(settings: BenchSettings, url: str, output_dir: str | Path | None = None,
+             stop: threading.Event | None = None) -> dict:
+    """Benchmark an already running OpenAI-compatible server at ``url`` with ``settings`` (a
+    streamed chat workload, or any other); returns the results dict, and with ``output_dir`` also
+    writes results.json, summary.md, latency.png and requests.jsonl there. For tests and scripts."""
+    stop = stop or threading.Event()
+    url = url.rstrip("/")
+    results: dict[str, Any] = {"status": "ok", "error": None, "config": {"overrides": [], "choices": {}},
+                               "bench": _settings_dict(settings), "stages": [], "baselines": {}, "ratios": {},
+                               "quality": None, "target": {"url": url, "started_by_bench": False}}
+    began = time.perf_counter()
+    try:
+        if settings.workload.kind == "chat":
+            workload = _chat_workload(settings, url, results)
+        else:
+            workload = build(_settings_dict(settings)["workload"],
+                             planned_requests(settings.stages(), settings.max_requests), settings.headers)
+            results["workload"] = {**workload.description, "mix": workload.mix()}
+        outcome = _measure(url, settings, workload, "hydraserve", stop)
+        results["first_answer"] = {"seconds": _r(outcome.first_answer_s), "status": outcome.first_answer_status}
+        results["stages"] = outcome.summaries()
+        results["best"] = best_stage(results["stages"])
+        if output_dir is not None:
+            Path(output_dir).mkdir(parents=True, exist_ok=True)
+            _write_request_rows(outcome, Path(output_dir))
+        if outcome.interrupted:
+            results["status"] = "interrupted"
+    except Exception as exc:
+        results.update(status="failed", error=f"{type(exc).__name__}: {exc}")
+    results["elapsed_s"] = round(time.perf_counter() - began, 3)
+    if output_dir is not None:
+        report.write_reports(results, output_dir)
+    return results
 
 
 def _log_table(title: str, stages: list[dict]) -> None:
     log.info("%s", title)
     for s in stages:
+        if "chat" in s:
+            c = s["chat"]
+            log.info("  %6g req/s offered: %5d sent, goodput %.2f/s, TTFT p50 %s ms, ITL p50 %s ms, "
+                     "%s output tok/s, errors %s", s["offered_rate"], s["sent"], s["goodput"],
+                     report.fmt(c["ttft_ms"]["p50"]), report.fmt(c["itl_ms"]["p50"]),
+                     report.fmt(c["output_tokens_per_s"], 1), s["errors"] or 0)
+            continue
         lat = s["latency_ms"]
         log.info("  %6g req/s offered: %5d sent, goodput %.1f/s, p50 %s ms, p99 %s ms, errors %s",
                  s["offered_rate"], s["sent"], s["goodput"], report.fmt(lat["p50"]), report.fmt(lat["p99"]),
@@ -192,10 +276,15 @@ def _settings_dict(settings: BenchSettings) -> dict:
 def _run_benchmark(cfg: DictConfig, settings: BenchSettings, task: list[str], out_dir: Path,
                    results: dict, stop: threading.Event) -> int:
     total = planned_requests(settings.stages(), settings.max_requests)
-    workload = build(_settings_dict(settings)["workload"], total, settings.headers)
-    results["workload"] = {**workload.description, "mix": workload.mix()}
+    chat = settings.workload.kind == "chat"
+    workload = None if chat else build(_settings_dict(settings)["workload"], total, settings.headers)
+    if workload is not None:
+        results["workload"] = {**workload.description, "mix": workload.mix()}
 
     def measure_target(url: str) -> None:
+        nonlocal workload
+        if chat:
+            workload = _chat_workload(settings, url, results)
         info = _info(url)
         results["quality"] = quality_of(info)
         if isinstance(info, dict):
@@ -205,6 +294,7 @@ def _run_benchmark(cfg: DictConfig, settings: BenchSettings, task: list[str], ou
         results["first_answer"] = {"seconds": _r(outcome.first_answer_s), "status": outcome.first_answer_status}
         results["stages"] = outcome.summaries()
         results["best"] = best_stage(results["stages"])
+        _write_request_rows(outcome, out_dir)
         _log_table("hydraserve", results["stages"])
         if outcome.interrupted:
             raise KeyboardInterrupt

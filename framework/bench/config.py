@@ -12,7 +12,7 @@ from framework.bench.load import ARRIVALS, Stage
 from framework.errors import ConfigError, ConfigProblem
 
 CLIENTS = ("raw", "httpx")
-WORKLOAD_KINDS = ("text", "vector", "jsonl")
+WORKLOAD_KINDS = ("text", "vector", "chat", "jsonl")
 
 
 @dataclass
@@ -25,9 +25,25 @@ class WorkloadSettings:
     items_per_request: int = 1
     dim: int = 8
     seed: int = 0
+    # kind=chat: prompt length in words (~tokens) and max_tokens per request, each a distribution
+    # {dist: fixed|uniform|normal, mean, min, max, std}; model null asks the server's GET /v1/models.
+    prompt_tokens: dict = field(default_factory=lambda: {"dist": "uniform", "mean": None, "std": None,
+                                                                 "min": 32, "max": 128})
+    output_tokens: dict = field(default_factory=lambda: {"dist": "fixed", "mean": 64, "std": None,
+                                                                 "min": None, "max": None})
+    model: str | None = None
+    ignore_eos: bool = True
+    temperature: float = 0.0
 
     def problems(self) -> list[tuple[str, str]]:
+        from framework.bench.workload import dist_problems
+
         out = []
+        if self.kind == "chat":
+            out += dist_problems(self.prompt_tokens, "prompt_tokens")
+            out += dist_problems(self.output_tokens, "output_tokens")
+        if self.temperature < 0:
+            out.append(("temperature", f"must be >= 0, got {self.temperature}"))
         if self.kind not in WORKLOAD_KINDS:
             out.append(("kind", f"must be one of {', '.join(WORKLOAD_KINDS)}, got {self.kind!r}"))
         if self.kind == "jsonl" and not self.path:
@@ -43,6 +59,22 @@ class WorkloadSettings:
         for name in ("items_per_request", "dim"):
             if getattr(self, name) < 1:
                 out.append((name, f"must be >= 1, got {getattr(self, name)}"))
+        return out
+
+
+@dataclass
+class SloSettings:
+    """Streamed chat's objective (``framework.bench.chat.meets_slo``): TTFT and token pace, in ms."""
+
+    ttft_ms: float = 1000.0
+    itl_ms: float = 100.0
+    itl_metric: str = "tpot"  # tpot (mean time per output token after the first) | max_itl (largest gap)
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = [(name, f"must be > 0, got {getattr(self, name)}") for name in ("ttft_ms", "itl_ms")
+               if getattr(self, name) <= 0]
+        if self.itl_metric not in ("tpot", "max_itl"):
+            out.append(("itl_metric", f"must be tpot or max_itl, got {self.itl_metric!r}"))
         return out
 
 
@@ -69,6 +101,7 @@ class BenchSettings:
     cold_cache: bool = True
     min_quality: float | None = None
     workload: WorkloadSettings = field(default_factory=WorkloadSettings)
+    slo: SloSettings = field(default_factory=SloSettings)
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
@@ -100,8 +133,16 @@ class BenchSettings:
                 out.append(("baselines", f"unknown baseline {name!r}; available: {', '.join(BASELINES)}"))
         if self.min_quality is not None and not -1.0 <= self.min_quality <= 1.0:
             out.append(("min_quality", f"must be a cosine within [-1, 1] or null, got {self.min_quality}"))
+        if self.workload.kind == "chat" and self.baselines:
+            out.append(("baselines", "the baselines do not stream chat completions: use baselines=[] with "
+                        f"workload.kind=chat, got {self.baselines}"))
         out += [(f"workload.{k}", m) for k, m in self.workload.problems()]
         return out
+
+    @property
+    def streaming_kind(self) -> bool:
+        """Generated chat: the requests are streamed and read as SSE."""
+        return self.workload.kind == "chat"
 
     def stages(self) -> list[Stage]:
         return [Stage(float(r), float(self.duration_s), self.arrival) for r in self.rates]
@@ -117,10 +158,13 @@ def bench_settings(cfg: DictConfig | dict) -> BenchSettings:
         raw["rates"] = [raw["rates"]]
     problems: list[ConfigProblem] = []
     workload = raw.pop("workload", None) or {}
+    slo_node = raw.pop("slo", None) or {}
     settings = _merge_into_dataclass(BenchSettings, raw, "bench", problems)
     wl = _merge_into_dataclass(WorkloadSettings, dict(workload), "bench.workload", problems)
-    if settings is not None and wl is not None:
+    slo = _merge_into_dataclass(SloSettings, dict(slo_node), "bench.slo", problems)
+    if settings is not None and wl is not None and slo is not None:
         settings.workload = wl
+        settings.slo = slo
         problems += [ConfigProblem(f"bench.{k}", m) for k, m in settings.problems()
                      if not k.startswith("workload.")]
     if problems:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 MAX_HEADER_BYTES = 64 * 1024
@@ -78,6 +79,85 @@ class RawConnection:
                 raise
         # A kept-alive connection the server closed while idle: one retry on a fresh connection.
         return await self._exchange(payload)
+
+    async def request_streaming(self, method: str, path: str, body: bytes, headers: dict[str, str] | None,
+                                on_data: Callable[[bytes], None]) -> tuple[int, dict[str, str]]:
+        """Like ``request``, but hands each piece of the body to ``on_data`` as it arrives (chunked,
+        Content-Length or close-delimited), so a server-sent-events reader can time every event.
+        No retry on a reset: part of the stream may already have been consumed."""
+        head = [f"{method} {path} HTTP/1.1", f"Host: {self._host_header}", f"Content-Length: {len(body)}",
+                "Accept: text/event-stream"]
+        if body:
+            head.append("Content-Type: application/json")
+        for key, value in (headers or {}).items():
+            head.append(f"{key}: {value}")
+        payload = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
+        if self._writer is None:
+            await self._connect()
+        assert self._reader is not None and self._writer is not None
+        try:
+            self._writer.write(payload)
+            status, resp_headers = await self._read_head(self._reader)
+            await self._stream_body(self._reader, status, resp_headers, on_data)
+        except BaseException:
+            self.close()
+            raise
+        if resp_headers.get("connection", "").lower() == "close":
+            self.close()
+        return status, resp_headers
+
+    @staticmethod
+    async def _stream_body(reader: asyncio.StreamReader, status: int, headers: dict[str, str],
+                           on_data: Callable[[bytes], None]) -> None:
+        if "content-length" in headers:
+            left = int(headers["content-length"])
+            while left > 0:
+                piece = await reader.read(min(left, 65536))
+                if not piece:
+                    raise asyncio.IncompleteReadError(b"", left)
+                left -= len(piece)
+                on_data(piece)
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            while True:
+                size_line = await reader.readuntil(b"\r\n")
+                size = int(size_line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while (await reader.readuntil(b"\r\n")) != b"\r\n":
+                        pass
+                    return
+                while size > 0:  # hand over what has arrived: a large chunk may come in pieces
+                    piece = await reader.read(min(size, 65536))
+                    if not piece:
+                        raise asyncio.IncompleteReadError(b"", size)
+                    size -= len(piece)
+                    on_data(piece)
+                await reader.readexactly(2)
+        elif status in (204, 304) or 100 <= status < 200:
+            return
+        else:
+            headers["connection"] = "close"
+            while piece := await reader.read(65536):
+                on_data(piece)
+
+    @staticmethod
+    async def _read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+        try:
+            raw = await reader.readuntil(b"\r\n\r\n")
+        except asyncio.IncompleteReadError as exc:
+            raise ConnectionResetError("server closed the connection") from exc
+        except asyncio.LimitOverrunError as exc:
+            raise HttpProtocolError("response headers larger than 64 KiB") from exc
+        lines = raw.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ", 2)
+        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
+            raise HttpProtocolError(f"bad status line {lines[0]!r}")
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            if not line:
+                continue
+            key, _, value = line.partition(":")
+            headers[key.strip().lower()] = value.strip()
+        return int(parts[1]), headers
 
     async def _exchange(self, payload: bytes) -> tuple[int, dict[str, str], bytes]:
         if self._writer is None:
@@ -167,6 +247,14 @@ class HttpxConnection:
         hdrs = {"content-type": "application/json", **(headers or {})} if body else dict(headers or {})
         resp = await self._client.request(method, path, content=body or None, headers=hdrs)
         return resp.status_code, {k.lower(): v for k, v in resp.headers.items()}, resp.content
+
+    async def request_streaming(self, method: str, path: str, body: bytes, headers: dict[str, str] | None,
+                                on_data: Callable[[bytes], None]) -> tuple[int, dict[str, str]]:
+        hdrs = {"content-type": "application/json", "accept": "text/event-stream", **(headers or {})}
+        async with self._client.stream(method, path, content=body or None, headers=hdrs) as resp:
+            async for piece in resp.aiter_raw():
+                on_data(piece)
+            return resp.status_code, {k.lower(): v for k, v in resp.headers.items()}
 
     def close(self) -> None:
         pass

@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from framework.bench.http_client import HttpProtocolError, make_client
 from framework.bench.stats import StageStats
@@ -57,6 +58,9 @@ class LoadOptions:
     progress: bool = False
     label: str = ""  # progress bar prefix
     use_uvloop: bool = True
+    # Streamed chat (``framework.bench.chat``): time every SSE chunk; goodput under ``chat_slo``.
+    stream: bool = False
+    chat_slo: Any = None  # framework.bench.chat.Slo; None: its defaults
 
 
 @dataclass
@@ -140,6 +144,15 @@ class _Run:
             conn.close()
 
     async def _send(self, conn, stats: StageStats, intended: float, req: Request, record: bool) -> None:
+        if self.o.stream:
+            from framework.bench.chat import stream_chat
+
+            result = await stream_chat(conn, self.path, req.body, req.headers, intended, self.o.timeout_s,
+                                       self.o.method)
+            stats.record_chat(result)
+            if record and self.bar is not None:
+                self.bar.update(1)
+            return
         sent = time.perf_counter()
         cache = None
         try:
@@ -208,6 +221,16 @@ class _Run:
             stats.cancelled = i - stats.finished
 
 
+def new_stats(options: LoadOptions, rate: float, **kw) -> StageStats:
+    """A stage's recorder: ``ChatStageStats`` for streamed chat (its ``slo_ms`` is the TTFT objective)."""
+    if not options.stream:
+        return StageStats(rate, options.slo_ms, **kw)
+    from framework.bench.chat import ChatStageStats, Slo
+
+    slo = options.chat_slo or Slo()
+    return ChatStageStats(rate, slo.ttft_ms, slo=slo, **kw)
+
+
 async def drive(options: LoadOptions, stages: list[Stage], workload: Workload,
                 stop: threading.Event | None = None) -> LoadResult:
     """Run every stage in order against ``options.url``; see the module docstring."""
@@ -226,14 +249,14 @@ async def drive(options: LoadOptions, stages: list[Stage], workload: Workload,
             first = stages[0]
             warm = Stage(first.rate, options.warmup_s, first.arrival)
             offsets = arrival_offsets(warm, rng, options.max_requests)
-            await run.run_stage(warm, StageStats(first.rate, options.slo_ms), offsets, True, 0)
+            await run.run_stage(warm, new_stats(options, first.rate), offsets, True, 0)
         budget, index = options.max_requests, 0
         for stage in stages:
             if stop.is_set() or budget <= 0:
                 break
             offsets = arrival_offsets(stage, rng, budget)
-            stats = StageStats(stage.rate, options.slo_ms, arrival=stage.arrival, planned=len(offsets),
-                               duration_s=len(offsets) / stage.rate)
+            stats = new_stats(options, stage.rate, arrival=stage.arrival, planned=len(offsets),
+                              duration_s=len(offsets) / stage.rate)
             if bar is not None:
                 bar.set_description(f"{options.label}{stage.rate:g} req/s".strip())
             await run.run_stage(stage, stats, offsets, False, index)

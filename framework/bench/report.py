@@ -69,6 +69,61 @@ def _stage_table(stages: list[dict]) -> list[str]:
     return lines
 
 
+def is_chat(results: dict) -> bool:
+    return any("chat" in st for st in results.get("stages") or [])
+
+
+def _chat_table(stages: list[dict]) -> list[str]:
+    lines = ["| offered req/s | sent | ok | req/s | output tok/s | goodput req/s | SLO met | TTFT p50 ms "
+             "| TTFT p99 ms | ITL p50 ms | ITL p99 ms | TPOT p50 ms | e2e p50 ms | e2e p99 ms | tokens/req "
+             "| errors |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for s in stages:
+        c = s["chat"]
+        errors = ", ".join(f"{k}: {v}" for k, v in s["errors"].items()) or "0"
+        met = s.get("slo_attainment")
+        met_pct = None if met is None else met * 100
+        lines.append(
+            f"| {s['offered_rate']:g} | {s['sent']} | {s['ok']} | {fmt(c['requests_per_s'])} "
+            f"| {fmt(c['output_tokens_per_s'], 1)} | {fmt(c['goodput'])} | {fmt(met_pct, 1, '%')} "
+            f"| {fmt(c['ttft_ms']['p50'])} | {fmt(c['ttft_ms']['p99'])} | {fmt(c['itl_ms']['p50'])} "
+            f"| {fmt(c['itl_ms']['p99'])} | {fmt(c['tpot_ms']['p50'])} | {fmt(c['e2e_ms']['p50'])} "
+            f"| {fmt(c['e2e_ms']['p99'])} | {fmt(c['output_tokens_per_request'], 1)} | {errors} |")
+    return lines
+
+
+def _chat_summary(r: dict, choices: dict) -> list[str]:
+    stages = r.get("stages", [])
+    slo = (r.get("bench") or {}).get("slo") or {}
+    metric = slo.get("itl_metric", "tpot")
+    pace = "TPOT (mean time per output token after the first)" if metric == "tpot" else "largest gap between chunks"
+    lines = [
+        "config: " + (" ".join(f"{k}={v}" for k, v in choices.items()) or "(defaults)"),
+        "",
+        "overrides: `" + (" ".join(r.get("config", {}).get("overrides", [])) or "(none)") + "`",
+        "",
+        f"target: {r.get('target', {}).get('url', '—')} {r.get('bench', {}).get('path', '')} (streamed chat)  ",
+        f"first answer after /health: {fmt((r.get('first_answer') or {}).get('seconds'), 2, ' s')}  ",
+        f"SLO: TTFT <= {fmt(slo.get('ttft_ms'), 0)} ms and {pace} <= {fmt(slo.get('itl_ms'), 0)} ms; goodput = "
+        "requests per second that succeeded within both  ",
+        f"workload: {json.dumps(r.get('workload', {}))}",
+        "",
+        "## hydraserve (streamed chat)",
+        "",
+        *_chat_table(stages),
+        "",
+    ]
+    msgs = {k: v for s in stages for k, v in (s["chat"].get("error_messages") or {}).items()}
+    if msgs:
+        lines += ["Errors (first message of each kind):", ""]
+        lines += [f"- `{k}`: {str(v).splitlines()[0][:200]}" for k, v in msgs.items()] + [""]
+    lines += ["TTFT: intended send time to the first chunk with content. ITL: every gap between content chunks "
+              "(a chunk may carry several tokens). TPOT = (e2e - TTFT) / (output tokens - 1), output tokens "
+              "from the final usage chunk. e2e: intended send time to `data: [DONE]`. All from the open-loop "
+              "schedule, so client-side queueing counts. Per-request rows: requests.jsonl.", ""]
+    return lines
+
+
 def quality_text(quality: dict | None, quantization: str | None = None) -> str:
     if quality:
         return (f"{quality.get('metric', 'cosine')} min {fmt(quality.get('min'), 4)}, "
@@ -84,6 +139,10 @@ def write_summary(results: dict, out_dir: str | Path) -> Path:
     lines = ["# hydraserve bench", ""]
     if r.get("status") != "ok":
         lines += [f"**Status: {r.get('status')}**" + (f": {r['error']}" if r.get("error") else ""), ""]
+    if is_chat(r):
+        path = Path(out_dir) / "summary.md"
+        path.write_text("\n".join(lines + _chat_summary(r, choices)))
+        return path
     lines += [
         "config: " + (" ".join(f"{k}={v}" for k, v in choices.items()) or "(defaults)"),
         "",
@@ -128,6 +187,8 @@ def plot_latency(results: dict, out_dir: str | Path) -> Path | None:
     stages = results.get("stages") or []
     if not any(s.get("ok") for s in stages):
         return None
+    if is_chat(results):
+        return plot_chat(results, out_dir)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,6 +222,52 @@ def plot_latency(results: dict, out_dir: str | Path) -> Path | None:
         ax.legend(fontsize=7)
     choices = ordered_choices(results.get("config", {}).get("choices", {}))
     fig.suptitle(" ".join(f"{k}={v}" for k, v in choices.items()) or "hydraserve bench", fontsize=9)
+    fig.tight_layout()
+    path = Path(out_dir) / "latency.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_chat(results: dict, out_dir: str | Path) -> Path:
+    """Streamed chat: TTFT and ITL CDFs (one line per offered rate) and tokens/s, goodput per rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stages = [s for s in results.get("stages") or [] if s.get("ok")]
+    slo = (results.get("bench") or {}).get("slo") or {}
+    fig, (ax_ttft, ax_itl, ax_thr) = plt.subplots(1, 3, figsize=(15, 4.5))
+    for s in stages:
+        cdf = s["chat"]["cdf"]
+        pcts = cdf["percentiles"]
+        for ax, key in ((ax_ttft, "ttft_ms"), (ax_itl, "itl_ms")):
+            if cdf.get(key):
+                ax.plot(cdf[key], pcts, marker=".", label=f"{s['offered_rate']:g} req/s")
+    if slo.get("ttft_ms"):
+        ax_ttft.axvline(slo["ttft_ms"], color="grey", linestyle=":", label=f"SLO {slo['ttft_ms']:g} ms")
+    if slo.get("itl_ms"):
+        ax_itl.axvline(slo["itl_ms"], color="grey", linestyle=":",
+                       label=f"SLO {slo['itl_ms']:g} ms ({slo.get('itl_metric', 'tpot')})")
+    ax_ttft.set(xlabel="time to first token (ms, from intended send)", ylabel="percentile", title="TTFT CDF")
+    ax_itl.set(xlabel="gap between content chunks (ms)", ylabel="percentile", title="inter-token latency CDF")
+    rates = [s["offered_rate"] for s in stages]
+    x = range(len(rates))
+    ax_thr.bar([i - 0.2 for i in x], [s["chat"]["requests_per_s"] for s in stages], width=0.4, label="req/s")
+    ax_thr.bar([i + 0.2 for i in x], [s["chat"]["goodput"] for s in stages], width=0.4, label="goodput req/s")
+    ax_thr.set_xticks(list(x), [f"{r:g}" for r in rates])
+    ax_tok = ax_thr.twinx()
+    ax_tok.plot(list(x), [s["chat"]["output_tokens_per_s"] for s in stages], "k-o", label="output tok/s")
+    ax_tok.set_ylabel("output tokens/s")
+    ax_thr.set(xlabel="offered rate (req/s)", ylabel="req/s", title="throughput and goodput")
+    ax_tok.legend(fontsize=7, loc="upper right")
+    for ax in (ax_ttft, ax_itl, ax_thr):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right" if ax is not ax_thr else "upper left")
+    choices = ordered_choices(results.get("config", {}).get("choices", {}))
+    fig.suptitle((" ".join(f"{k}={v}" for k, v in choices.items()) or "hydraserve bench") + " (streamed chat)",
+                 fontsize=9)
     fig.tight_layout()
     path = Path(out_dir) / "latency.png"
     fig.savefig(path, dpi=110)

@@ -1,4 +1,7 @@
-"""What the load generator sends: a JSONL file, or a generated text/vector workload.
+"""What the load generator sends: a JSONL file, or a generated text/vector/chat workload.
+
+A chat workload (``kind=chat``, see ``chat_workload``) is streamed OpenAI chat completions; so is a
+JSONL file whose every body has ``"stream": true`` (it is then read as SSE, see ``framework.bench.chat``).
 
 JSONL format (``bench.workload.kind=jsonl bench.workload.path=requests.jsonl``), one request a line::
 
@@ -219,6 +222,108 @@ def vector_workload(n: int, dim: int, repeat_ratio: float = 0.0, paraphrase_rati
     )
 
 
+# ------------------------------------------------------------------------------------------- chat
+DISTS = ("fixed", "uniform", "normal")
+# Prompt words: the sentence lists above split into words, plus filler; a word is roughly one to two
+# tokens for a BPE tokenizer (SmolLM2's), so ``prompt_tokens`` is approximate.
+FILLER = ("please", "describe", "explain", "the", "history", "of", "a", "small", "river", "town", "and", "its",
+          "bridges", "markets", "weather", "people", "music", "food", "trains", "schools", "gardens", "in",
+          "detail", "with", "examples", "for", "a", "curious", "reader", "who", "likes", "stories", "about",
+          "science", "travel", "mountains", "libraries", "ships", "clocks", "lamps", "winter", "summer")
+
+
+def _chat_words() -> list[str]:
+    words = [w.strip(".?!,").lower() for line in (*SUBJECTS, *PREDICATES, *TAILS) for w in line.split()]
+    return sorted(set(words) | set(FILLER))
+
+
+def dist_problems(spec: Any, name: str) -> list[tuple[str, str]]:
+    """Config problems of a length distribution ``{dist: fixed|uniform|normal, mean, min, max, std}``."""
+    if not isinstance(spec, dict):
+        return [(name, f"must be a mapping like {{dist: uniform, min: 32, max: 128}}, got {spec!r}")]
+    dist = spec.get("dist", "fixed")
+    unknown = set(spec) - {"dist", "mean", "min", "max", "std"}
+    out = []
+    if unknown:
+        out.append((name, f"unknown keys {sorted(unknown)}; valid keys are dist, mean, min, max, std"))
+    if dist not in DISTS:
+        return out + [(f"{name}.dist", f"must be one of {', '.join(DISTS)}, got {dist!r}")]
+    need = {"fixed": ("mean",), "uniform": ("min", "max"), "normal": ("mean",)}[dist]
+    for key in need:
+        if not isinstance(spec.get(key), (int, float)):
+            out.append((f"{name}.{key}", f"required for dist={dist} (a number >= 1)"))
+    for key in ("mean", "min", "max", "std"):
+        value = spec.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or value < (0 if key == "std" else 1)):
+            out.append((f"{name}.{key}", f"must be a number >= {0 if key == 'std' else 1}, got {value!r}"))
+    lo, hi = spec.get("min"), spec.get("max")
+    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo > hi:
+        out.append((f"{name}.min", f"must be <= max, got min {lo} > max {hi}"))
+    return out
+
+
+def sample_length(spec: dict, rng: random.Random) -> int:
+    """One length from ``spec`` (see ``dist_problems``): uniform in [min, max], normal(mean, std)
+    clamped to [min, max] where given (std defaults to mean / 4), fixed the mean; at least 1."""
+    dist = spec.get("dist", "fixed")
+    lo, hi = spec.get("min"), spec.get("max")
+    if dist == "uniform":
+        value = rng.uniform(float(lo), float(hi))
+    elif dist == "normal":
+        mean = float(spec["mean"])
+        value = rng.gauss(mean, float(spec.get("std", mean * 0.25)))
+    else:  # fixed: exactly the mean (min and max only bound uniform and normal)
+        return max(int(round(float(spec["mean"]))), 1)
+    if lo is not None:
+        value = max(value, float(lo))
+    if hi is not None:
+        value = min(value, float(hi))
+    return max(int(round(value)), 1)
+
+
+def chat_body(prompt: str, max_tokens: int, model: str | None, ignore_eos: bool = True,
+              temperature: float = 0.0) -> dict:
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+                            "stream": True, "stream_options": {"include_usage": True},
+                            "temperature": temperature}
+    if ignore_eos:
+        body["ignore_eos"] = True
+    if model:
+        body = {"model": model, **body}
+    return body
+
+
+def chat_workload(n: int, prompt_tokens: dict, output_tokens: dict, model: str | None = None,
+                  seed: int = 0, ignore_eos: bool = True, temperature: float = 0.0,
+                  headers: dict[str, str] | None = None, warmup: int = 16) -> Workload:
+    """``n`` streamed chat requests: prompts of ~``prompt_tokens`` words from the lists above, each
+    asking for ``output_tokens`` (``max_tokens``; with ``ignore_eos`` the server generates exactly that).
+    Every prompt starts with its own number, so no two share a prefix a cache could reuse."""
+    words = _chat_words()
+    rng = random.Random(seed)
+    hdrs = dict(headers or {})
+
+    def one(index: int, r: random.Random, tag: str) -> tuple[Request, int, int]:
+        n_words = sample_length(prompt_tokens, r)
+        max_tokens = sample_length(output_tokens, r)
+        text = " ".join([f"{tag}{index}:", *(r.choice(words) for _ in range(max(n_words - 1, 0)))])
+        body = chat_body(text, max_tokens, model, ignore_eos, temperature)
+        return Request(orjson.dumps(body), hdrs, "fresh"), n_words, max_tokens
+
+    made = [one(i, rng, "Request-") for i in range(n)]
+    warm_rng = random.Random(seed + 7919)
+    warm = [one(i, warm_rng, "Warm-up-")[0] for i in range(warmup)]
+    p_words = [m[1] for m in made]
+    outs = [m[2] for m in made]
+    return Workload(
+        requests=[m[0] for m in made], warmup=warm,
+        description={"kind": "chat", "requests": n, "model": model, "seed": seed, "streaming": True,
+                     "prompt_tokens": dict(prompt_tokens), "output_tokens": dict(output_tokens),
+                     "ignore_eos": ignore_eos, "temperature": temperature,
+                     "prompt_words_mean": round(sum(p_words) / n, 2), "max_tokens_mean": round(sum(outs) / n, 2),
+                     "max_tokens_total": sum(outs)})
+
+
 # ---------------------------------------------------------------------------------------- JSONL
 def load_jsonl(path: str | Path, max_lines: int = 1_000_000, headers: dict[str, str] | None = None) -> Workload:
     """Read a JSONL workload; errors name the file and line."""
@@ -250,8 +355,16 @@ def load_jsonl(path: str | Path, max_lines: int = 1_000_000, headers: dict[str, 
             requests.append(Request(orjson.dumps(obj), extra))
     if not requests:
         raise ValueError(f"bench.workload.path: {path} has no requests")
+    streaming = all(b'"stream":true' in r.body for r in requests)
+    if streaming:  # chat bodies: ask for the usage chunk, so output tokens are counted, not guessed
+        for r in requests:
+            body = orjson.loads(r.body)
+            if "messages" in body:
+                body.setdefault("stream_options", {"include_usage": True})
+                r.body = orjson.dumps(body)
     return Workload(requests=requests, warmup=[],
-                    description={"kind": "jsonl", "path": str(path), "requests": len(requests)})
+                    description={"kind": "jsonl", "path": str(path), "requests": len(requests),
+                                 "streaming": streaming})
 
 
 def write_jsonl(workload: Workload, path: str | Path) -> Path:
@@ -275,8 +388,14 @@ def build(spec: dict, total: int, extra_headers: dict[str, str] | None = None) -
         return text_workload(n, **common)
     if kind == "vector":
         return vector_workload(n, dim=int(spec.get("dim", 8)), **common)
+    if kind == "chat":
+        return chat_workload(n, dict(spec.get("prompt_tokens") or {"dist": "fixed", "mean": 64}),
+                             dict(spec.get("output_tokens") or {"dist": "fixed", "mean": 64}),
+                             model=spec.get("model"), seed=int(spec.get("seed", 0)),
+                             ignore_eos=bool(spec.get("ignore_eos", True)),
+                             temperature=float(spec.get("temperature", 0.0)), headers=extra_headers)
     if kind == "jsonl":
         if not spec.get("path"):
             raise ValueError("bench.workload.path: required when bench.workload.kind=jsonl")
         return load_jsonl(spec["path"], headers=extra_headers)
-    raise ValueError(f"bench.workload.kind: must be text, vector or jsonl, got {kind!r}")
+    raise ValueError(f"bench.workload.kind: must be text, vector, chat or jsonl, got {kind!r}")
