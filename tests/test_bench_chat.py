@@ -361,3 +361,16 @@ def test_run_chat_counts_a_server_that_refuses_every_request(tmp_path):
     assert st["ok"] == 0 and st["errors"].get("503") == st["sent"] > 0 and st["goodput"] == 0
     assert st["chat"]["error_messages"] == {"503": "server overloaded"}
     assert "server overloaded" in (tmp_path / "summary.md").read_text()
+
+
+def test_httpx_client_streams_chat_too():
+    from framework.bench.app import run_chat
+
+    settings = bench_settings({"path": "/v1/chat/completions", "rates": [10], "duration_s": 0.3, "warmup_s": 0,
+                               "progress": False, "client": "httpx", "startup_timeout_s": 2, "baselines": [],
+                               "workload": {"kind": "chat", "output_tokens": {"dist": "fixed", "mean": 4}}})
+    with FakeOpenAI(delay_s=0.005, per_chunk=2) as srv:
+        res = run_chat(settings, srv.url)
+    st = res["stages"][0]
+    assert res["status"] == "ok" and st["ok"] == st["sent"] > 0
+    assert st["chat"]["output_tokens"] == 4 * st["ok"] and st["chat"]["content_chunks"] == 2 * st["ok"]

@@ -250,8 +250,10 @@ def plot_chat(results: dict, out_dir: str | Path) -> Path:
     if slo.get("itl_ms"):
         ax_itl.axvline(slo["itl_ms"], color="grey", linestyle=":",
                        label=f"SLO {slo['itl_ms']:g} ms ({slo.get('itl_metric', 'tpot')})")
-    ax_ttft.set(xlabel="time to first token (ms, from intended send)", ylabel="percentile", title="TTFT CDF")
-    ax_itl.set(xlabel="gap between content chunks (ms)", ylabel="percentile", title="inter-token latency CDF")
+    ax_ttft.set(xlabel="time to first token (ms, from intended send)", ylabel="percentile", title="TTFT CDF",
+                xscale="log")
+    ax_itl.set(xlabel="gap between content chunks (ms)", ylabel="percentile", title="inter-token latency CDF",
+               xscale="log")
     rates = [s["offered_rate"] for s in stages]
     x = range(len(rates))
     ax_thr.bar([i - 0.2 for i in x], [s["chat"]["requests_per_s"] for s in stages], width=0.4, label="req/s")
