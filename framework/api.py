@@ -18,6 +18,7 @@ import orjson
 from framework import tracing
 from framework.config import Resolved, validate
 from framework.litserve_adapter import HydraLoopBase
+from framework.plugin import GenerativeModelPlugin
 
 log = logging.getLogger("hydraserve.worker")
 
@@ -39,7 +40,13 @@ class HydraLoop(HydraLoopBase):
         r: Resolved = lit_api.resolved
         labels = {"model": r.names()["model"], "quantization": r.names()["quantization"], "device": str(device)}
         try:
-            serve_forever(r.model, r.batching, r.hardware, channel, labels)
+            engine = getattr(lit_api, "engine", None)
+            if engine is not None:  # a generative model: the continuous-batching loop
+                from framework.generation_worker import serve_generation
+
+                serve_generation(engine, r.model, channel, labels)
+            else:
+                serve_forever(r.model, r.batching, r.hardware, channel, labels)
         finally:
             channel.close()
             tracing.shutdown()
@@ -64,8 +71,15 @@ class ComposedAPI(ls.LitAPI):
             log_to_server_log(r.server.log_level)
             tracing.init_tracing(r.tracing, r.resource_attributes(), self.output_dir)
             self.report = {"worker": worker_id, "pid": os.getpid(), "device": str(device)}
-            self.report.update(prepare_model(r.model, r.quantization, r.hardware, str(device),
-                                             batch_sizes_to_warm(r)))
+            if isinstance(r.model, GenerativeModelPlugin):
+                from framework.generation_worker import prepare_generation
+
+                self.engine, report = prepare_generation(r.model, r.quantization, r.hardware, str(device),
+                                                         r.batching.engine_config())
+                self.report.update(report)
+            else:
+                self.report.update(prepare_model(r.model, r.quantization, r.hardware, str(device),
+                                                 batch_sizes_to_warm(r)))
             # Listen before LitServe marks this worker READY, so API processes can connect at once.
             self.channel = self.loop.factory.worker_channel(int(worker_id))
             tune_gc(r.server.gc_freeze, r.server.gc_thresholds)  # the model and its modules are built
@@ -103,6 +117,12 @@ def log_to_server_log(level: str = "info") -> None:
 
 def startup_summary(report: dict) -> str:
     """One readable line of a worker's start-up report: quality gate, compilation, timings."""
+    if report.get("engine") == "continuous":
+        return (f"continuous batching: max_num_seqs={report.get('max_num_seqs')} "
+                f"max_num_batched_tokens={report.get('max_num_batched_tokens')} "
+                f"max_model_len={report.get('max_model_len')}, KV cache {report.get('kv_cache_mib')} MiB, "
+                f"load {report.get('load_ms')} ms, warm-up {report.get('warmup_ms')} ms, "
+                f"start-up {report.get('startup_ms')} ms")
     return (f"quantization={report.get('quantization')} quality={report.get('quality')} "
             f"(min {report.get('min_quality')}, gate: {report.get('quality_gate')}), "
             f"compile={report.get('compile_mode')} in {report.get('compile_ms')} ms, "

@@ -26,10 +26,11 @@ from typing import Any
 from framework import metrics, tracing
 from framework.settings import ServerConfig
 from framework.transport.base import ApiChannel, ChannelFactory, NoWorkerAvailable
-from framework.transport.protocol import ProtocolError, decode_reply, encode_request
+from framework.transport.protocol import ProtocolError, decode_reply, encode_cancel, encode_request
 
 log = logging.getLogger("hydraserve.dispatch")
 
+_NO_DEADLINE_S = 7 * 24 * 3600.0  # what a stream without a client deadline tells the worker
 _MAX_LATE = 1024  # timed-out sampled requests remembered for their worker's late answer
 
 
@@ -61,31 +62,41 @@ class _Reply:
 class Stream:
     """An admitted streamed request whose first reply was a chunk: iterate ``rest()`` for the others.
 
-    ``rest`` yields every message after the first up to the last (an ``end`` or an ``err``; a deadline
-    passed between two messages becomes a 504 ``err``) and releases the request however it stops.
+    ``rest`` yields every message after the first up to the last (an ``end`` or an ``err``; a wait
+    longer than ``gap_s``, or past the client's ``deadline``, becomes a 504 ``err``) and releases the
+    request however it stops. A stream that stops before its last message (the client went away,
+    or a deadline passed) sends the worker a cancel frame, so no more tokens are computed for it.
     """
 
-    def __init__(self, dispatcher: Dispatcher, rid: str, reply: _Reply, first: dict, timeout_s: float):
+    def __init__(self, dispatcher: Dispatcher, rid: str, reply: _Reply, first: dict, gap_s: float,
+                 deadline: float | None = None):
         self.dispatcher = dispatcher
         self.rid = rid
         self.reply = reply
         self.first = first
-        self.timeout_s = timeout_s
+        self.gap_s = gap_s
+        self.deadline = deadline  # time.monotonic() by which the whole stream must end, if the client set one
+        self.finished = "end" in first or "err" in first
 
     async def rest(self) -> AsyncIterator[dict]:
-        if "end" in self.first:  # an empty stream: already released
+        if self.finished:  # an empty stream: already released
             return
         try:
             while True:
+                wait = self.dispatcher.wait_s(self.gap_s, self.deadline)
                 try:
-                    msg = await asyncio.wait_for(self.reply.queue.get(), self.timeout_s)
+                    msg = await asyncio.wait_for(self.reply.queue.get(), wait)
                 except asyncio.TimeoutError:
-                    yield self.dispatcher.deadline(self.timeout_s)
+                    yield self.dispatcher.deadline(wait)
                     return
-                yield msg
                 if "end" in msg or "err" in msg:
+                    self.finished = True
+                yield msg
+                if self.finished:
                     return
         finally:
+            if not self.finished:
+                self.dispatcher.cancel(self.rid, self.reply.worker)
             self.dispatcher._release(self.rid, self.reply.worker)
 
 
@@ -100,6 +111,7 @@ class Dispatcher:
         self.inflight: dict[str, _Reply] = {}
         self._late: dict[str, _Reply] = {}  # sampled requests answered 504 whose worker may still answer
         self._ids = itertools.count()
+        self._background: set[asyncio.Task] = set()  # cancel frames being sent
         self._prefix = f"{os.getpid():x}-"
 
     async def start(self, consumer_id: int) -> None:
@@ -239,25 +251,55 @@ class Dispatcher:
         if len(self._late) > _MAX_LATE:
             del self._late[next(iter(self._late))]
 
-    async def stream(self, items: list, timeout_s: float) -> Stream | dict:
+    @staticmethod
+    def wait_s(gap_s: float, deadline: float | None) -> float:
+        """How long the next message may take: the gap bound, or less if the client's deadline is nearer."""
+        if deadline is None:
+            return gap_s
+        return max(0.0, min(gap_s, deadline - time.monotonic()))
+
+    def cancel(self, rid: str, worker: int | None) -> None:
+        """Tell ``worker`` to stop computing ``rid`` (its client is gone or was answered 504).
+        Synchronous, so a stream's ``finally`` can call it while its task is being cancelled."""
+        if self.channel is None:
+            return
+
+        async def send() -> None:
+            try:
+                await self.channel.send(encode_cancel(rid), worker)
+            except (NoWorkerAvailable, OSError):
+                return  # the worker is gone: nothing is being computed for it anyway
+            self.channel.done(worker)  # a control frame is not a request: keep the routing counts even
+
+        task = asyncio.get_running_loop().create_task(send())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def stream(self, items: list, gap_s: float, deadline: float | None = None) -> Stream | dict:
         """Admit and queue a streamed request; return its ``Stream`` once the first chunk is here, or
-        the error that came first (admission, no worker, deadline, or the worker's own error). The
-        deadline bounds the wait for each message."""
+        the error that came first (admission, no worker, deadline, or the worker's own error). Each
+        message may take ``gap_s`` (``server.timeout_ms``); ``deadline`` (monotonic), when the client
+        set one, bounds the whole stream and reaches the worker, which drops the request past it."""
         refused = self._admit()
         if refused is not None:
             return refused
         rid = self._prefix + str(next(self._ids))
         reply = None
+        wait = self.wait_s(gap_s, deadline)
         try:
-            reply = await self._enqueue(rid, items, timeout_s, lambda w: _Reply(None, w, asyncio.Queue()))
-            first = await asyncio.wait_for(reply.queue.get(), timeout_s)
+            # Without a client deadline a stream may run as long as it keeps producing (each gap is
+            # bounded here, and a stream that stops early cancels its work), so the worker gets none.
+            worker_s = _NO_DEADLINE_S if deadline is None else deadline - time.monotonic()
+            reply = await self._enqueue(rid, items, worker_s, lambda w: _Reply(None, w, asyncio.Queue()))
+            first = await asyncio.wait_for(reply.queue.get(), wait)
         except (NoWorkerAvailable, asyncio.TimeoutError) as exc:
             if isinstance(exc, asyncio.TimeoutError):
                 self._expect_late(rid, reply)
+                self.cancel(rid, reply.worker)
             self._release(rid, reply.worker if reply is not None else None)
-            return self.no_worker(exc) if isinstance(exc, NoWorkerAvailable) else self.deadline(timeout_s)
+            return self.no_worker(exc) if isinstance(exc, NoWorkerAvailable) else self.deadline(wait)
         if "err" in first or "end" in first:
             self._release(rid, reply.worker)
             if "err" in first:
                 return first
-        return Stream(self, rid, reply, first, timeout_s)
+        return Stream(self, rid, reply, first, gap_s, deadline)

@@ -26,6 +26,8 @@ from framework.config import Resolved
 from framework.connections import BODY_TIMED_OUT
 from framework.dispatch import Dispatcher
 from framework.errors import RequestError
+from framework.openai_generation import error_from_request_error
+from framework.openai_routes import dispatcher_error
 from framework.plugin import CacheRequest
 from framework.transport.base import ChannelFactory
 
@@ -58,6 +60,12 @@ class Gateway:
         self.dispatcher = Dispatcher(factory, admitted, resolved.server, resolved.batching.max_request_items())
         self.scope = ""
         self._span_flusher: asyncio.Task | None = None
+        self.tracing_on = False
+        self.generation = None  # the OpenAI generation routes, for a generative model
+        if self.model.task == "chat":
+            from framework.openai_routes import GenerationRoutes
+
+            self.generation = GenerationRoutes(self)
 
     # --- lifecycle (inside the API process) -------------------------------------------------
     async def start(self, consumer_id: int) -> None:
@@ -132,7 +140,13 @@ class Gateway:
         return body
 
     def _timeout_s(self, request: Request) -> float:
-        limit = self.server.timeout_ms
+        asked = self.client_deadline_s(request)
+        limit = self.server.timeout_ms / 1000.0
+        return limit if asked is None else min(limit, asked)
+
+    @staticmethod
+    def client_deadline_s(request: Request) -> float | None:
+        """The client's deadline (``X-Request-Timeout-Ms``) in seconds, ``None`` when it set none."""
         asked = request.headers.get(TIMEOUT_HEADER)
         if asked is not None:
             try:
@@ -140,11 +154,11 @@ class Gateway:
             except ValueError:
                 raise RequestError(f"header X-Request-Timeout-Ms must be a number of milliseconds, got {asked!r}",
                                    field="X-Request-Timeout-Ms", status=400) from None
-            if value <= 0:
+            if value <= 0 or value != value:
                 raise RequestError("header X-Request-Timeout-Ms must be > 0", field="X-Request-Timeout-Ms",
                                    status=400)
-            limit = min(limit, value)
-        return limit / 1000.0
+            return value / 1000.0
+        return None
 
     async def predict(self, request: Request) -> Response:
         return await self._handle(request, "/predict")
@@ -191,6 +205,9 @@ class Gateway:
             else:
                 fmt, items = None, self.model.decode(body)
         except RequestError as exc:
+            if route == "/v1/embeddings":  # OpenAI's error object, so its client shows the message
+                status, err = error_from_request_error(exc)
+                return json_response(err, status)
             return json_response(exc.to_body(), exc.status)
 
         if self.streams:
@@ -213,6 +230,8 @@ class Gateway:
 
         result = await self.dispatcher.submit(items, timeout_s)
         if "err" in result:
+            if route == "/v1/embeddings":
+                return dispatcher_error(result["err"], self.server.retry_after_s)
             return self._error(result)
         outputs = result["out"]
         if route == "/v1/embeddings":

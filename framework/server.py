@@ -144,7 +144,23 @@ class HydraServer(LitServerAdapter):
             body, content_type = metrics.render()
             return Response(body, media_type=content_type)
 
-        app.add_route("/predict", predict, methods=["POST"])
+        if self.resolved.model.task == "chat":  # a generative model answers on OpenAI's routes only
+            from framework.openai_routes import CHAT, COMPLETIONS, MODELS
+
+            async def chat(request: Request) -> Response:
+                return await self.gateway.generation.chat(request)
+
+            async def completions(request: Request) -> Response:
+                return await self.gateway.generation.completions(request)
+
+            async def models(request: Request) -> Response:
+                return await self.gateway.generation.models(request)
+
+            app.add_route(CHAT, chat, methods=["POST"])
+            app.add_route(COMPLETIONS, completions, methods=["POST"])
+            app.add_route(MODELS, models, methods=["GET"])
+        else:
+            app.add_route("/predict", predict, methods=["POST"])
         if self.resolved.model.task == "embedding":
             app.add_route("/v1/embeddings", embeddings, methods=["POST"])
         app.add_route("/health", health, methods=["GET"])

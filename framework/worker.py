@@ -26,6 +26,7 @@ from framework.transport.protocol import (
     ProtocolError,
     RequestFrame,
     attach_spans,
+    decode_control,
     decode_request,
     encode_answer,
     encode_chunk,
@@ -48,6 +49,20 @@ def _parse(raw: bytes) -> Pending | None:
     except ProtocolError as exc:  # a malformed message is dropped, never a crash
         log.warning("dropping a malformed request message (%d bytes): %s", len(raw), exc)
         return None
+
+
+def _drop_cancelled(pending: deque[Pending], raw: bytes) -> int:
+    """Remove the request a cancel frame names from ``pending``; returns the items removed."""
+    try:
+        rid = decode_control(raw)
+    except ProtocolError as exc:
+        log.warning("dropping a malformed cancel frame: %s", exc)
+        return 0
+    for req in pending:
+        if req.id == rid:
+            pending.remove(req)
+            return req.n
+    return 0  # already computed (or being computed): nothing left to stop
 
 
 def with_spans(answer: bytes, batch_spans: bytes, req: Pending, start_mono: float, start_ns: int) -> bytes:
@@ -194,6 +209,9 @@ def serve_forever(model: ModelPlugin, batching: BatchingPlugin, hardware: Hardwa
     def admit(raw_messages: list[bytes]) -> None:
         nonlocal pending_items
         for raw in raw_messages:
+            if raw.startswith(b'{"cancel":'):  # a stream's client went away before its turn
+                pending_items -= _drop_cancelled(pending, raw)
+                continue
             req = _parse(raw)
             if req is not None:
                 pending.append(req)

@@ -61,5 +61,5 @@ def test_bad_embedding_requests(minilm_server):
         r = client.post("/predict", json={"input": ["x"] * 300})
         assert r.status_code == 413
         r = client.post("/v1/embeddings", json={"input": "x", "encoding_format": "int8"})
-        assert r.status_code == 400 and r.json()["detail"]["field"] == "encoding_format"
+        assert r.status_code == 400 and r.json()["error"]["param"] == "encoding_format"
         assert client.post("/predict", json={"input": "still fine"}).status_code == 200

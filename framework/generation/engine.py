@@ -56,8 +56,12 @@ class GenerationEngine:
         self._running: list[Sequence] = []
         self._by_id: dict[int, Sequence] = {}
         self._cancelled: list[Sequence] = []  # reported by the next step
+        self._just_finished: dict[int, Sequence] = {}  # sequences the last step finished (timings, counts)
         self._ids = itertools.count()
         self.total_computed_tokens = 0
+        # Tokens run through the model, by phase (the worker exports them as counters).
+        self.prefill_tokens = 0
+        self.decode_tokens = 0
 
     # --- requests ---------------------------------------------------------------------------------
     def add(self, request: GenerationRequest) -> int:
@@ -100,6 +104,10 @@ class GenerationEngine:
         self._cancelled.append(seq)
         return True
 
+    def finished(self, seq_id: int) -> Sequence | None:
+        """A sequence the last ``step`` finished (its timings: admitted, first token, finished)."""
+        return self._just_finished.get(seq_id)
+
     def sequence(self, seq_id: int) -> Sequence | None:
         """The live sequence (None once finished and reported)."""
         return self._by_id.get(seq_id)
@@ -134,11 +142,13 @@ class GenerationEngine:
             self._waiting.remove(seq)
             seq.slot = self._slots.allocate()
             seq.status = Status.PREFILL
+            seq.admitted_at = time.monotonic()
             self._running.append(seq)
         if plan.decode or plan.prefill:
             outputs.extend(self._run(plan.decode, plan.prefill))
 
         done = [s for s in self._running if s.status is Status.FINISHED]
+        self._just_finished = {s.seq_id: s for s in done}
         if done:
             self._running = [s for s in self._running if s.status is not Status.FINISHED]
             for seq in done:
@@ -162,7 +172,10 @@ class GenerationEngine:
         for seq, n in prefill:
             seq.num_cached += n
             seq.computed_tokens += n
-        self.total_computed_tokens += len(decode) + sum(n for _, n in prefill)
+        prefilled = sum(n for _, n in prefill)
+        self.total_computed_tokens += len(decode) + prefilled
+        self.prefill_tokens += prefilled
+        self.decode_tokens += len(decode)
         outputs = []
         if decode:
             next_ids = sample_rows(decode_logits, [s.request.sampling for s in decode], [s.generator for s in decode])
@@ -195,6 +208,7 @@ class GenerationEngine:
     def _finish(self, seq: Sequence, reason: FinishReason) -> None:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
+        seq.finished_at = time.monotonic()
         if seq.slot is not None:
             self._slots.free(seq.slot)
             seq.slot = None

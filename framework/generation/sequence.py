@@ -35,7 +35,9 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     arrival: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None  # when it got a KV slot (the end of its wait in the queue)
     first_token_at: float | None = None
+    finished_at: float | None = None
 
     @classmethod
     def create(cls, seq_id: int, request: GenerationRequest, tokenizer: Any) -> Sequence:

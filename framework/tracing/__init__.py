@@ -335,9 +335,18 @@ class RequestSpan(SpanRef):
     def ref(self) -> SpanRef:
         return self
 
+    def detach(self) -> None:
+        """Stop being the current span of this task, without ending: a streamed response's span ends
+        (``end``) when its last piece is sent, from the task that sends it."""
+        if self._token is not None:
+            _current.reset(self._token)
+            self._token = None
+
     def end(self, status_code: int) -> None:
         """Close the span with the response status (HTTP conventions: only 5xx is an error)."""
-        _current.reset(self._token)
+        if self._token is not None:
+            _current.reset(self._token)
+            self._token = None
         state = _state
         if state is None or not self.sampled:
             return

@@ -16,7 +16,9 @@ Worker -> API process (each a *reply*):
 * **answer** ``{"id", "out": [one output per item]}``
 * **error** ``{"id", "err": {"status", "error", "detail"}}``
 * **chunk** ``{"id", "chunk": ...}`` one piece of a streamed answer; **end** ``{"id", "end": true}``
-* a sampled request's answer or error is followed by a newline and its worker spans, a JSON array of
+* a generated request streams chunks ``{"t": new text, "n": output tokens so far}``; its last chunk
+  adds ``"f"`` (finish reason) and ``"p"`` (prompt tokens), then its end frame follows.
+* a sampled request's answer, error or end is followed by a newline and its worker spans, a JSON array of
   ``tracing.record_tree`` entries. orjson never writes a newline inside its output, so the API process
   splits the trailer off without parsing it, and the file exporter writes it as it is.
 
@@ -47,6 +49,7 @@ __all__ = [
     "encode_error",
     "encode_request",
     "encode_worker_dead",
+    "with_span_trailer",
 ]
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
@@ -152,6 +155,12 @@ def attach_spans(reply: bytes, batch_spans: bytes, queued_ns: int, start_ns: int
     ``tracing.record_tree`` entries, serialized once per batch) plus the request's own ``queue.wait``
     from ``queued_ns`` to ``start_ns``, appended without re-serializing the batch's entries."""
     return b'%s\n%s,["queue.wait",%d,%d,null,-1,null]]' % (reply, batch_spans[:-1], queued_ns, start_ns)
+
+
+def with_span_trailer(reply: bytes, spans: bytes) -> bytes:
+    """``reply`` followed by a newline and ``spans``, a JSON array of ``tracing.record_tree`` entries
+    (a generated request's end frame carries its queue, prefill and decode spans this way)."""
+    return b"%s\n%s" % (reply, spans)
 
 
 @dataclass(slots=True)
