@@ -17,7 +17,19 @@ CONF = conf_dir()
 NEEDS = {
     ("model", "tiny"): lambda tmp, tiny: [f"model.path={tiny}"],
     ("model", "hf_embedding"): lambda tmp, tiny: [f"model.path={_minilm_dir()}"],
+    # Generative models run only under batching=continuous, and it only with a generative model.
+    ("model", "smollm2"): lambda tmp, tiny: ["batching=continuous"],
+    ("model", "hf_causal_lm"): lambda tmp, tiny: ["batching=continuous", f"model.path={_llama_folder(tmp)}"],
+    ("batching", "continuous"): lambda tmp, tiny: ["model=smollm2"],  # after the base model=echo: wins
 }
+
+
+def _llama_folder(tmp: Path) -> Path:
+    # validate reads only config.json's model_type (no weights), so this is enough for hf_causal_lm.
+    (tmp / "config.json").write_text('{"model_type": "llama"}')
+    return tmp
+
+
 # Options that need a GPU: without one, the capability check refusing them is the expected result.
 GPU_ONLY = {("hardware", "cuda"), ("experiment", "gpu_throughput")}
 

@@ -138,14 +138,12 @@ def test_continuous_budgets_are_validated():
     assert "batching.max_waiting: must be >= 1, got 0" in text
 
 
-def test_smollm2_needs_continuous_batching():
+def test_smollm2_picks_continuous_batching_and_refuses_others():
     assert compose([]).batching.name == "adaptive" and compose([]).model.name == "minilm"
-    # serve.yaml's default batching stays: a model config cannot override it (see conf/model/smollm2.yaml).
-    assert compose(["model=smollm2"]).batching.name == "adaptive"
-    text = _problems(["model=smollm2"])
-    assert "model.batching: a generative model runs on the continuous-batching engine; use batching=continuous" in text
+    # conf/model/smollm2.yaml overrides serve.yaml's default batcher; the command line still wins.
+    assert compose(["model=smollm2"]).batching.name == "continuous"
     text = _problems(["model=smollm2", "batching=adaptive"])
-    assert "use batching=continuous" in text
+    assert "model.batching: a generative model runs on the continuous-batching engine; use batching=continuous" in text
     resolved = validate(compose(["model=smollm2", "batching=continuous"]))
     assert resolved.model.served_name() == "SmolLM2-135M-Instruct"
     assert resolved.model.identity()["gguf_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
