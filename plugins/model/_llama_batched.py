@@ -45,16 +45,18 @@ class LlamaBatchedForward:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scaling = self.layers[0].self_attn.scaling
         dtype = self.embed.weight.dtype
+        # Everything the forward allocates lives where the weights are (the engine hands it CPU tensors).
+        self.device = device = self.embed.weight.device
         # cos/sin for every position, computed exactly as transformers' rotary embedding does per position.
         rotary = inner.rotary_emb
         positions = torch.arange(max_model_len, dtype=torch.float32)
-        freqs = positions[:, None] * rotary.inv_freq.float()[None, :]
+        freqs = positions[:, None] * rotary.inv_freq.float().cpu()[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        self.cos = (emb.cos() * rotary.attention_scaling).to(dtype)
-        self.sin = (emb.sin() * rotary.attention_scaling).to(dtype)
+        self.cos = (emb.cos() * rotary.attention_scaling).to(device=device, dtype=dtype)
+        self.sin = (emb.sin() * rotary.attention_scaling).to(device=device, dtype=dtype)
         shape = (len(self.layers), max_num_seqs, self.num_kv_heads, max_model_len, self.head_dim)
-        self.k_cache = torch.zeros(shape, dtype=dtype)
-        self.v_cache = torch.zeros(shape, dtype=dtype)
+        self.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.v_cache = torch.zeros(shape, dtype=dtype, device=device)
 
     def kv_cache_bytes(self) -> int:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
@@ -63,12 +65,15 @@ class LlamaBatchedForward:
     def forward_step(self, decode: DecodeBatch | None,
                      prefill: list[PrefillChunk]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         b = 0 if decode is None else decode.token_ids.shape[0]
+        device = self.device
+        if b and decode.token_ids.device != device:
+            decode = DecodeBatch(*(t.to(device) for t in decode))
         tokens = [decode.token_ids] if b else []
         positions = [decode.positions] if b else []
         for chunk in prefill:
             n = chunk.token_ids.shape[0]
-            tokens.append(chunk.token_ids)
-            positions.append(torch.arange(chunk.start, chunk.start + n))
+            tokens.append(chunk.token_ids.to(device))
+            positions.append(torch.arange(chunk.start, chunk.start + n, device=device))
         token_ids, pos = torch.cat(tokens), torch.cat(positions)
         total = token_ids.shape[0]
         cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]  # [T, 1, hd]
@@ -98,6 +103,8 @@ class LlamaBatchedForward:
             offset += chunk.token_ids.shape[0]
             last.append(offset - 1)
         logits = self.lm_head(self.norm(x[0, last]))
+        if logits.device.type != "cpu":  # sampling (and its per-request CPU generators) runs on the CPU
+            logits = logits.float().cpu()
         return (logits[:b] if b else None), (logits[b:] if prefill else None)
 
     def _decode_attention(self, decode: DecodeBatch):
@@ -107,7 +114,7 @@ class LlamaBatchedForward:
         lo = int(slots[0])
         # Rows come in slot order; consecutive slots attend through a view, others through a gather.
         contiguous = int(slots[-1]) - lo + 1 == b
-        mask = (torch.arange(length)[None, :] <= positions[:, None])[:, None, None, :]  # [b, 1, 1, len]
+        mask = (torch.arange(length, device=positions.device)[None, :] <= positions[:, None])[:, None, None, :]
 
         def attend(q, k, v, kc, vc):
             kc[slots, :, positions] = k
@@ -137,7 +144,9 @@ class LlamaBatchedForward:
     def _one_chunk(self, slot: int, start: int, n: int, offset: int):
         end = start + n
         # query i (position start+i) sees keys 0..start+i; a first chunk is plain causal attention.
-        mask = None if start == 0 else torch.arange(end)[None, :] <= torch.arange(start, end)[:, None]
+        device = self.device
+        mask = None if start == 0 else (torch.arange(end, device=device)[None, :]
+                                        <= torch.arange(start, end, device=device)[:, None])
 
         def attend(q, k, v, kc, vc):
             kc[slot, :, start:end] = k[offset:offset + n].transpose(0, 1)
