@@ -88,3 +88,26 @@ def test_server_on_cuda_with_cuda_graphs_answers_like_the_cpu_server(serve, wide
         assert torch.nn.functional.cosine_similarity(expected, got, dim=1).min() > 0.99
     engine = httpx.get(gpu.url + "/info", timeout=10).json()["engine"][0]
     assert engine["device"].startswith("cuda") and engine["compile_mode"] == "reduce-overhead"
+
+
+def test_generation_engine_on_cuda_matches_the_cpu(tiny_chat_dir):
+    """The batched Llama forward keeps its KV cache on the weights' device: greedy tokens on CUDA equal
+    the CPU's (float64 on both, so batching's reordered sums cannot flip a near-tie)."""
+    from framework.generation import EngineConfig, GenerationEngine, GenerationRequest
+    from plugins.model._causal_lm import load_causal_lm
+    from plugins.model._llama_batched import LlamaBatchedForward
+
+    tokenizer, model = load_causal_lm(tiny_chat_dir, dtype=torch.float64)
+    prompts = [tokenizer("the quick brown fox")["input_ids"], tokenizer("hello world")["input_ids"]]
+
+    def run(device: str) -> list[list[int]]:
+        cfg = EngineConfig(max_num_seqs=2, max_num_batched_tokens=16, max_model_len=64)
+        engine = GenerationEngine(LlamaBatchedForward(model.to(device), 2, 64), tokenizer, cfg, eos_token_ids=[])
+        ids = [engine.add(GenerationRequest(prompt_ids=p, max_tokens=12, ignore_eos=True)) for p in prompts]
+        tokens: dict[int, list[int]] = {i: [] for i in ids}
+        while engine.has_work():
+            for out in engine.step():
+                tokens[out.seq_id].extend(out.new_token_ids)
+        return [tokens[i] for i in ids]
+
+    assert run("cuda") == run("cpu")
