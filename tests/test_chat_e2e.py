@@ -301,3 +301,22 @@ def test_one_trace_with_genai_attributes_and_prefill_and_decode_spans(chat):
     assert spans["gen_ai.prefill"]["end_ns"] <= spans["gen_ai.decode"]["start_ns"] + 1
     assert spans["gen_ai.decode"]["end_ns"] <= server["end_ns"]
     assert spans["gen_ai.decode"]["attributes"]["gen_ai.usage.output_tokens"] == 7
+
+
+# --- hydraserve bench against the real server -------------------------------------------------------------
+def test_bench_chat_measures_the_real_server(chat, tmp_path):
+    from framework.bench.app import run_chat
+    from framework.bench.config import bench_settings
+    from framework.config import compose
+
+    settings = bench_settings(compose(["bench=chat", "bench.rates=[4]", "bench.duration_s=1", "bench.warmup_s=0",
+                                       "bench.progress=false", "bench.workload.output_tokens={dist: fixed, mean: 8}",
+                                       "bench.workload.prompt_tokens={dist: fixed, mean: 12}"], config_name="bench"))
+    res = run_chat(settings, chat.url, output_dir=tmp_path)
+    assert res["status"] == "ok", res["error"]
+    assert res["workload"]["model"] == "tiny_chat"
+    stage = res["stages"][0]
+    assert stage["ok"] == stage["sent"] > 0 and not stage["errors"]
+    assert stage["chat"]["output_tokens"] == 8 * stage["ok"]  # ignore_eos: exactly what was asked, per usage
+    assert stage["chat"]["ttft_ms"]["p50"] is not None and stage["chat"]["itl_ms"]["p50"] is not None
+    assert (tmp_path / "latency.png").exists()
