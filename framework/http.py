@@ -108,7 +108,7 @@ class Gateway:
         tracing.shutdown()
 
     # --- request handling ---------------------------------------------------------------------
-    async def _read_json(self, request: Request) -> dict:
+    async def read_json(self, request: Request) -> dict:
         limit = self.server.max_body_bytes
         length = request.headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -197,7 +197,7 @@ class Gateway:
     async def _serve(self, request: Request, route: str) -> Response:
         # The API key was checked before any route (framework.security.ApiKeyMiddleware).
         try:
-            body = await self._read_json(request)
+            body = await self.read_json(request)
             timeout_s = self._timeout_s(request)
             if route == "/v1/embeddings":
                 model_body, fmt = openai_compat.request_items(body)

@@ -18,6 +18,7 @@ OpenTelemetry GenAI attributes and, when sampled, the worker's queue/prefill/dec
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -77,6 +78,13 @@ def _stream_error_event(err: dict) -> bytes:
     detail = err.get("detail")
     message = err["error"] if not isinstance(detail, str) else f"{err['error']}: {detail}"
     return sse(error_body(err["status"], message))
+
+
+async def _disconnected(receive) -> None:
+    """Returns when the client closes its connection (its body was read: only a disconnect comes next).
+    A plain answer has no stream whose failed write would tell, so this watches for it."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 class _Answer:
@@ -169,7 +177,7 @@ class GenerationRoutes:
     async def _serve(self, request: Request, route: str, parse, started: float, span: Any) -> Response:
         gateway = self.gateway
         try:
-            body = await gateway._read_json(request)
+            body = await gateway.read_json(request)
             spec: GenerationSpec = parse(body)
             deadline_s = gateway.client_deadline_s(request)
         except RequestError as exc:
@@ -190,16 +198,33 @@ class GenerationRoutes:
                                      media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         answer = _Answer(started)
-        async for msg in self._messages(stream):
-            if "err" in msg:
-                self._observe(answer, None)
-                return dispatcher_error(msg["err"], gateway.server.retry_after_s)
-            if "chunk" in msg:
-                answer.take(msg["chunk"])
+        collect = asyncio.ensure_future(self._collect(stream, answer))
+        gone = asyncio.ensure_future(_disconnected(request.receive))
+        try:
+            await asyncio.wait((collect, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not collect.done():  # the client left first: stop its sequence (Stream.rest cancels it)
+                collect.cancel()
+        if not collect.done() or collect.cancelled():
+            raise ClientDisconnect()
+        err = collect.result()
+        if err is not None:
+            self._observe(answer, None)
+            return dispatcher_error(err, gateway.server.retry_after_s)
         self._observe(answer, span, rid)
         build = chat_response if route == CHAT else completion_response
         return json_response(build(rid, self.created, self.served_name, "".join(answer.text),
                                    answer.finish_reason or "stop", answer.prompt_tokens, answer.completion_tokens))
+
+    async def _collect(self, stream: Stream, answer: _Answer) -> dict | None:
+        """Read a whole answer into ``answer``; returns the error that ended it, if one did."""
+        async for msg in self._messages(stream):
+            if "err" in msg:
+                return msg["err"]
+            if "chunk" in msg:
+                answer.take(msg["chunk"])
+        return None
 
     @staticmethod
     async def _messages(stream: Stream) -> AsyncIterator[dict]:
@@ -263,7 +288,7 @@ class GenerationRoutes:
                                  "gen_ai.provider.name": "hydraserve",
                                  "gen_ai.request.model": spec.model or self.served_name,
                                  "gen_ai.request.temperature": spec.temperature, "gen_ai.request.top_p": spec.top_p,
-                                 "gen_ai.request.stream": spec.stream}
+                                 "hydraserve.stream": spec.stream}
         if spec.max_tokens is not None:
             attrs["gen_ai.request.max_tokens"] = spec.max_tokens
         if spec.seed is not None:

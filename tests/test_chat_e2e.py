@@ -215,6 +215,20 @@ def test_disconnect_cancels_the_sequence(chat):
     assert second["hydraserve_num_requests_running"] == 0
 
 
+def test_disconnect_cancels_a_plain_answer_too(chat):
+    body = {"messages": MESSAGES, "max_tokens": 16000, "temperature": 0, "ignore_eos": True}
+    before = metric_samples(chat)["hydraserve_generation_tokens_total"]
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+        httpx.post(chat.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.5))
+    time.sleep(1.0)
+    first = metric_samples(chat)
+    time.sleep(1.0)
+    second = metric_samples(chat)
+    assert second["hydraserve_generation_tokens_total"] == first["hydraserve_generation_tokens_total"]
+    assert first["hydraserve_generation_tokens_total"] - before < 16000
+    assert second["hydraserve_num_requests_running"] == 0
+
+
 def _long_stream(server, timeout_ms: int | None = None):
     headers = {"X-Request-Timeout-Ms": str(timeout_ms)} if timeout_ms else {}
     body = {"messages": MESSAGES, "max_tokens": 16000, "temperature": 0, "stream": True, "ignore_eos": True}
