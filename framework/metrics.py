@@ -35,6 +35,7 @@ from prometheus_client import (
 )
 
 __all__ = [
+    "cache_error",
     "cache_lookup",
     "generation_step",
     "observe_generation",
@@ -101,6 +102,10 @@ class _Metrics:
             buckets=LATENCY_BUCKETS, registry=reg)
         self.cache_lookups = Counter(
             "hydraserve_cache_lookups", "Cache lookups by result.", ["result"], registry=reg)
+        self.cache_errors = Counter(
+            "hydraserve_cache_errors", "Cache calls that failed or were skipped (the store down or slow, "
+            "in back-off): each lookup answered as a miss, each store dropped.", ["backend", "op"],
+            registry=reg)
         self.rejected = Counter(
             "hydraserve_rejected", "Requests refused before running, by reason.", ["reason"],
             registry=reg)
@@ -148,6 +153,7 @@ class _Metrics:
         self.request_children: dict[tuple, object] = {}
         self.cache_children = {r: self.cache_lookups.labels(r) for r in CACHE_RESULTS}
         self.reject_children = {r: self.rejected.labels(r) for r in REJECT_REASONS}
+        self.cache_error_children: dict[tuple, object] = {}
         self.slow_children = {r: self.slow_clients.labels(r) for r in SLOW_CLIENT_REASONS}
         for r in CACHE_RESULTS:  # zeros are exported too, so rate() works from the first scrape
             self.cache_children[r].inc(0)
@@ -352,6 +358,17 @@ def cache_lookup(result: str) -> None:
     """``result``: hit, semantic-hit, miss or bypass."""
     m = _m or _metrics()
     _count(m.cache_children, m.cache_lookups, result)
+
+
+def cache_error(backend: str, op: str, n: int = 1) -> None:
+    """A cache call that failed or was skipped: ``backend`` (e.g. ``redis``), ``op`` ``get`` or ``put``;
+    ``n=0`` exports the series at zero (a store calls it when it opens, so rate() works at once)."""
+    m = _m or _metrics()
+    key = (backend, op)
+    child = m.cache_error_children.get(key)
+    if child is None:
+        child = m.cache_error_children[key] = m.cache_errors.labels(backend, op)
+    child.inc(n)
 
 
 def rejected(reason: str) -> None:
