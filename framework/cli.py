@@ -2,7 +2,8 @@
 
 Commands: ``serve`` (start the server), ``validate`` (compose + validate, print every error),
 ``plugins`` (list plugins by kind and origin), ``cache stats|clear`` (the configured store),
-``traces`` (waterfall of the slowest traced requests), ``bench`` (load tests and sweeps).
+``traces`` (waterfall of the slowest traced requests), ``bench`` (load tests and sweeps),
+``deploy k8s`` (Kubernetes manifests for a validated config, framework/deploy.py).
 ``serve``, ``validate`` and ``bench`` are Hydra apps over the packaged ``conf/``: Hydra flags such
 as ``--cfg job`` and ``-m`` work as usual.
 """
@@ -21,6 +22,7 @@ commands:
   cache     stats | clear the configured response cache (hydraserve cache stats cache=disk)
   traces    waterfall of the slowest requests in a traces file (hydraserve traces outputs/ --png w.png)
   bench     open-loop load test / sweep   hydraserve bench -m quantization=none,int8_dynamic
+  deploy    Kubernetes manifests          hydraserve deploy k8s model=echo cache=redis --out k8s/ --image IMAGE
 """
 
 log = logging.getLogger("hydraserve")
@@ -163,6 +165,61 @@ def _cache(argv: list[str]) -> int:
     return 0
 
 
+DEPLOY_USAGE = "usage: hydraserve deploy k8s [overrides...] [--out DIR] [--image IMAGE] [--replicas N] ..."
+
+
+def _deploy(argv: list[str]) -> int:
+    """``deploy k8s``: every problem (config, secrets, options) is reported before anything is written."""
+    import argparse
+    from pathlib import Path
+
+    from framework.cli_args import CommandLineError
+    from framework.deploy import DeployOptions, render_overrides, to_yaml, write
+    from framework.errors import ConfigError
+
+    if not argv or argv[0] != "k8s":
+        print(DEPLOY_USAGE, file=sys.stderr)
+        return 2
+    d = DeployOptions()
+    parser = argparse.ArgumentParser(prog="hydraserve deploy k8s", allow_abbrev=False,
+                                     usage=DEPLOY_USAGE.removeprefix("usage: "))
+    parser.add_argument("--out", type=Path, help="write one file per manifest there (default: stdout)")
+    parser.add_argument("--image", default=d.image)
+    parser.add_argument("--name", default=d.name, help="name of the Deployment, Service, ConfigMap...")
+    parser.add_argument("--namespace", default=d.namespace)
+    parser.add_argument("--replicas", type=int, default=d.replicas, help="replicas, and the autoscaler's minimum")
+    parser.add_argument("--max-replicas", type=int, default=None, help="autoscaler's maximum (default 10)")
+    parser.add_argument("--queue-target", type=int, default=d.queue_target,
+                        help="waiting requests per pod the autoscaler aims for")
+    parser.add_argument("--no-autoscale", action="store_true", help="no KEDA ScaledObject")
+    parser.add_argument("--prometheus-url", default=d.prometheus_url)
+    parser.add_argument("--cpu", default=d.cpu)
+    parser.add_argument("--memory", default=d.memory)
+    parser.add_argument("--require-api-key", action="store_true",
+                        help="the pod does not start without the API key in the Secret")
+    known, overrides = parser.parse_known_args(argv[1:])
+    opts = DeployOptions(
+        name=known.name, namespace=known.namespace, image=known.image, replicas=known.replicas,
+        max_replicas=known.max_replicas if known.max_replicas is not None else max(d.max_replicas, known.replicas),
+        queue_target=known.queue_target, autoscale=not known.no_autoscale, prometheus_url=known.prometheus_url,
+        cpu=known.cpu, memory=known.memory, require_api_key=known.require_api_key)
+    try:
+        rendered = render_overrides(overrides, opts)
+    except CommandLineError as exc:
+        print(str(exc).replace("hydraserve serve:", "hydraserve deploy k8s:"), file=sys.stderr)
+        return 2
+    except ConfigError as exc:
+        _fail_config(exc)
+    for note in rendered.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if known.out is None:
+        sys.stdout.write(to_yaml(rendered.documents))
+    else:
+        for path in write(rendered.documents, known.out):
+            print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -179,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
         return _plugins(rest)
     if command == "cache":
         return _cache(rest)
+    if command == "deploy":
+        return _deploy(rest)
     if command == "traces":
         from framework.traces_view import main as traces_main
 
