@@ -150,16 +150,23 @@ def test_smollm2_picks_continuous_batching_and_refuses_others():
 
 
 # --- the real SmolLM2-135M-Instruct ---------------------------------------------------------------------
-def test_smollm2_answers_the_capital_of_france():
+def test_smollm2_answers_the_capital_of_france_and_restarts_from_kept_weights(tmp_path):
     from plugins.model._causal_lm import packaged_smollm2_gguf
 
     try:
         packaged_smollm2_gguf()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
-    model = validate(compose(["model=smollm2", "batching=continuous"])).model
-    model.load("cpu")
-    prompt = model.prompt_ids({"messages": [{"role": "user", "content": "What is the capital of France?"}]})
-    _, text, _ = _generate(model, prompt, 16, EngineConfig(max_num_seqs=1, max_num_batched_tokens=64,
-                                                          max_model_len=128))
-    assert text.startswith("The capital of France is Paris."), text
+    overrides = ["model=smollm2", f"model.weights_cache_dir={tmp_path}"]
+    question = {"messages": [{"role": "user", "content": "What is the capital of France?"}]}
+    config = EngineConfig(max_num_seqs=1, max_num_batched_tokens=64, max_model_len=128)
+    answers = []
+    for _start in range(2):  # the first dequantizes the GGUF and keeps it; the second loads what was kept
+        model = validate(compose(overrides)).model
+        model.load("cpu")
+        _, text, _ = _generate(model, model.prompt_ids(question), 16, config)
+        answers.append(text)
+    assert answers[0].startswith("The capital of France is Paris."), answers[0]
+    assert answers[1] == answers[0]  # the kept weights are the same numbers
+    kept = [p for p in tmp_path.iterdir() if (p / "hydraserve-ready").is_file()]
+    assert len(kept) == 1 and (kept[0] / "model.safetensors").is_file()
