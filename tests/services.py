@@ -123,7 +123,10 @@ http {{
             proxy_set_header Connection "";
             proxy_connect_timeout 1s;
             proxy_read_timeout 30s;
-            proxy_next_upstream error timeout http_502 http_503;
+            # non_idempotent: nginx never retries a POST that reached a server otherwise; an inference
+            # request is safe to run twice (same input, same answer), so a replica dying mid-request
+            # is retried on the other one instead of answering 502.
+            proxy_next_upstream error timeout http_502 http_503 non_idempotent;
             proxy_next_upstream_tries 2;
         }}
     }}
