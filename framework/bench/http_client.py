@@ -1,8 +1,8 @@
 """Two HTTP/1.1 clients for the load generator, both keep-alive with one request in flight per connection.
 
 ``raw`` speaks HTTP/1.1 straight over asyncio streams: on a 2-core machine it drives several times
-the rate httpx can (see docs/readme/bench.md for the measurement) so the client is not what limits
-the numbers. ``httpx`` is the well-trodden alternative (``bench.client=httpx``).
+the rate httpx can (docs/bench.md, "The load generator's own limits", has the measurement) so the
+client is not what limits the numbers. ``httpx`` is the well-trodden alternative (``bench.client=httpx``).
 
 Only loopback targets are accepted: this is a benchmark for the local machine, not a load tool for
 other people's servers.
