@@ -104,7 +104,18 @@ def parse_option(path: Path) -> dict:
             if in_defaults:
                 defaults.append(stripped[2:].strip() + (f"  ({comment})" if comment else ""))
                 continue
-            raise ValueError(f"{path}: a block list under a key is not rendered yet: {raw!r}")
+            if not stack:
+                raise ValueError(f"{path}: a list item outside any key: {raw!r}")
+            # A block list (`key:` then `- item` lines): one row, its items in flow style.
+            full = ".".join(k for _, k in stack)
+            rows = blocks[-1]["rows"]
+            item = stripped[2:].strip()
+            if rows and rows[-1][0] == full:
+                key_, value_, comment_ = rows[-1]
+                rows[-1] = (key_, f"[{value_[1:-1] + ', ' if value_ else ''}{item}]", comment_ or comment or "")
+            else:
+                rows.append((full, f"[{item}]", comment or ""))
+            continue
         key, _, value = stripped.partition(":")
         value = value.strip()
         while stack and stack[-1][0] >= indent:
@@ -122,6 +133,7 @@ def parse_option(path: Path) -> dict:
         blocks[-1]["rows"].append((full, value, comment or ""))
     loaded = yaml.safe_load(path.read_text()) or {}
     found = {r[0] for b in blocks for r in b["rows"] if r[1]}
+    found |= {r[0] for b in blocks for r in b["rows"]} & set(flatten(loaded))  # an empty mapping or list
     expected = set(flatten({k: v for k, v in loaded.items() if k != "defaults"}))
     # A flow mapping (`key: {a: 1}`) is one row here but several keys in the YAML.
     missing = [e for e in expected if not any(e == f or e.startswith(f + ".") for f in found)]
