@@ -11,6 +11,10 @@ generation may run as long as it keeps producing); ``X-Request-Timeout-Ms`` boun
 request (504 before the first token, an error event after it). A stream that stops early, because
 its client went away or its deadline passed, cancels its sequence in the worker.
 
+The response cache (``cache=memory|disk|...``) answers deterministic requests only, greedy or seeded,
+keyed on the prompt and every sampling parameter; a streamed request's hit is replayed as SSE. A
+sampled answer is never cached, and neither is one cut by a deadline or an error.
+
 Time to first token, the gaps between pieces and the whole request go to ``/metrics`` as the client
 sees them (measured here, after the network hop from the worker); the request's span carries the
 OpenTelemetry GenAI attributes and, when sampled, the worker's queue/prefill/decode spans.
@@ -19,9 +23,11 @@ OpenTelemetry GenAI attributes and, when sampled, the worker's queue/prefill/dec
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -29,6 +35,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
 from framework import metrics, tracing
+from framework.cache_key import cache_key
 from framework.dispatch import Stream
 from framework.errors import RequestError
 from framework.openai_generation import (
@@ -47,6 +54,7 @@ from framework.openai_generation import (
     sse,
     usage_chunk,
 )
+from framework.plugin import CacheRequest
 
 if TYPE_CHECKING:
     from framework.http import Gateway
@@ -115,6 +123,31 @@ class _Answer:
             self.prompt_tokens = int(chunk.get("p", 0))
 
 
+@dataclass(frozen=True)
+class CachedAnswer:
+    """What the response cache keeps of a generated answer (ids and timestamps are made per reply)."""
+
+    text: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+    def to_bytes(self) -> bytes:
+        return orjson.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> CachedAnswer | None:
+        """The stored answer; ``None`` (a miss) for anything that is not one: the cache folder is untrusted."""
+        try:
+            d = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return None
+        if not (isinstance(d, dict) and isinstance(d.get("text"), str) and d.get("finish_reason") in ("stop", "length")
+                and type(d.get("prompt_tokens")) is int and type(d.get("completion_tokens")) is int):
+            return None
+        return cls(d["text"], d["finish_reason"], d["prompt_tokens"], d["completion_tokens"])
+
+
 class GenerationRoutes:
     """The OpenAI generation endpoints of one API process, on the gateway's body reader and dispatcher."""
 
@@ -123,6 +156,7 @@ class GenerationRoutes:
         self.model = gateway.model
         self.served_name = self.model.served_name()
         self.created = int(time.time())
+        self._background: set[asyncio.Task] = set()  # cache stores after the answer went out
         self._span_start = {route: (f"POST {route}", {"http.request.method": "POST", "http.route": route,
                                                       "url.path": route,
                                                       "server.port": gateway.server.port})
@@ -188,15 +222,26 @@ class GenerationRoutes:
                                 f"'{self.served_name}' (GET /v1/models)", "model", "model_not_found")
         if span is not None:
             span.attributes = {**span.attributes, **self._request_attributes(spec, route)}
+        lookup = self._cache_request(request, spec, route)
+        x_cache: dict[str, str] = {}
+        if lookup is not None:
+            hit = await gateway._cache_get(lookup)
+            record = None if hit is None else CachedAnswer.from_bytes(hit.value)
+            metrics.cache_lookup("hit" if record is not None else "miss")
+            if record is not None:
+                return self._replay(record, spec, route, started, span)
+            x_cache = {"X-Cache": "miss"}
+        elif gateway.cache_on:
+            x_cache = {"X-Cache": "bypass"}
         deadline = None if deadline_s is None else started + deadline_s
         stream = await gateway.dispatcher.stream([spec.item()], gateway.server.timeout_ms / 1000.0, deadline)
         if isinstance(stream, dict):
             return dispatcher_error(stream["err"], gateway.server.retry_after_s)
         rid = new_id("chat" if route == CHAT else "completion")
         if spec.stream:
-            return StreamingResponse(self._events(stream, spec, route, rid, started, span),
+            return StreamingResponse(self._events(stream, spec, route, rid, started, span, lookup),
                                      media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **x_cache})
         answer = _Answer(started)
         collect = asyncio.ensure_future(self._collect(stream, answer))
         gone = asyncio.ensure_future(_disconnected(request.receive))
@@ -213,9 +258,11 @@ class GenerationRoutes:
             self._observe(answer, None)
             return dispatcher_error(err, gateway.server.retry_after_s)
         self._observe(answer, span, rid)
+        self._store(lookup, answer)
         build = chat_response if route == CHAT else completion_response
         return json_response(build(rid, self.created, self.served_name, "".join(answer.text),
-                                   answer.finish_reason or "stop", answer.prompt_tokens, answer.completion_tokens))
+                                   answer.finish_reason or "stop", answer.prompt_tokens, answer.completion_tokens),
+                             headers=x_cache or None)
 
     async def _collect(self, stream: Stream, answer: _Answer) -> dict | None:
         """Read a whole answer into ``answer``; returns the error that ended it, if one did."""
@@ -233,7 +280,7 @@ class GenerationRoutes:
             yield msg
 
     async def _events(self, stream: Stream, spec: GenerationSpec, route: str, rid: str, started: float,
-                      span: Any) -> AsyncIterator[bytes]:
+                      span: Any, lookup: CacheRequest | None = None) -> AsyncIterator[bytes]:
         """The SSE body: the answer's pieces as they come, its finish, its usage if asked, ``[DONE]``."""
         chat = route == CHAT
         created, model = self.created, self.served_name
@@ -262,11 +309,67 @@ class GenerationRoutes:
                         yield sse(usage_chunk("chat" if chat else "completion", rid, created, model,
                                               answer.prompt_tokens, answer.completion_tokens))
             yield SSE_DONE
+            if status == 200:
+                self._store(lookup, answer)
         finally:
             self._observe(answer, span, rid)
             if span is not None and status != 200:
                 span.attributes = {**span.attributes, "error.type": str(status)}
             self._finished(route, 200, started, span)
+
+    # --- the response cache: deterministic requests only -------------------------------------------
+    def _cache_request(self, request: Request, spec: GenerationSpec, route: str) -> CacheRequest | None:
+        """The exact-cache lookup of a request whose answer is determined by its body: greedy
+        (temperature 0) or seeded. ``None`` when the cache is off, bypassed, or the answer is sampled."""
+        gateway = self.gateway
+        if not gateway.cache_on or not (spec.temperature == 0 or spec.seed is not None):
+            return None
+        if "no-cache" in request.headers.get("cache-control", ""):
+            metrics.cache_lookup("bypass")
+            return None
+        # Everything that decides the answer: the prompt and the sampling parameters (stream and
+        # include_usage only change how it is sent, so a streamed and a plain request share it).
+        item = spec.item()
+        if spec.temperature == 0:
+            item.pop("seed", None)  # greedy ignores the seed
+        scope = gateway.scope + route
+        return CacheRequest(cache_key(scope, [item]), None, scope)
+
+    def _store(self, lookup: CacheRequest | None, answer: _Answer) -> None:
+        if lookup is None or answer.finish_reason not in ("stop", "length"):
+            return  # never a cut or failed answer
+        data = CachedAnswer("".join(answer.text), answer.finish_reason, answer.prompt_tokens,
+                            answer.completion_tokens).to_bytes()
+        task = asyncio.get_running_loop().create_task(self.gateway._cache_put(lookup, data))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _replay(self, record: CachedAnswer, spec: GenerationSpec, route: str, started: float, span: Any) -> Response:
+        """A cached answer, as a plain answer or replayed as a stream (one content chunk)."""
+        chat = route == CHAT
+        rid = new_id("chat" if chat else "completion")
+        created, model = self.created, self.served_name
+        if span is not None:
+            span.attributes = {**span.attributes, "gen_ai.response.id": rid, "gen_ai.response.model": model,
+                               "gen_ai.usage.input_tokens": record.prompt_tokens,
+                               "gen_ai.usage.output_tokens": record.completion_tokens,
+                               "gen_ai.response.finish_reasons": [record.finish_reason], "hydraserve.cache": "hit"}
+        if not spec.stream:
+            build = chat_response if chat else completion_response
+            return json_response(build(rid, created, model, record.text, record.finish_reason, record.prompt_tokens,
+                                       record.completion_tokens), headers={"X-Cache": "hit"})
+        events = [sse(chat_chunk(rid, created, model, role=True))] if chat else []
+        if record.text:
+            events.append(sse(chat_chunk(rid, created, model, record.text) if chat
+                              else completion_chunk(rid, created, model, record.text)))
+        events.append(sse(chat_chunk(rid, created, model, finish_reason=record.finish_reason) if chat
+                          else completion_chunk(rid, created, model, "", finish_reason=record.finish_reason)))
+        if spec.include_usage:
+            events.append(sse(usage_chunk("chat" if chat else "completion", rid, created, model,
+                                          record.prompt_tokens, record.completion_tokens)))
+        events.append(SSE_DONE)
+        return Response(b"".join(events), media_type="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Cache": "hit"})
 
     def _observe(self, answer: _Answer, span: Any, rid: str | None = None) -> None:
         now = time.monotonic()

@@ -371,7 +371,7 @@ def test_yaml_options_compose_and_validate(tmp_path):
 
 # ---------------------------------------------------------------------------------- semantic
 # Near-duplicates a conservative semantic cache should serve, and related requests it must not.
-# Cosine similarities (all-MiniLM-L6-v2) in docs/readme/cache.md.
+# Cosine similarities (all-MiniLM-L6-v2) in docs/caching.md.
 PARAPHRASES = [
     ("How do I reset my password?", "how do i reset my password"),
     ("How do I reset my password?", "How can I reset my password?"),

@@ -334,3 +334,41 @@ def test_bench_chat_measures_the_real_server(chat, tmp_path):
     assert stage["chat"]["output_tokens"] == 8 * stage["ok"]  # ignore_eos: exactly what was asked, per usage
     assert stage["chat"]["ttft_ms"]["p50"] is not None and stage["chat"]["itl_ms"]["p50"] is not None
     assert (tmp_path / "latency.png").exists()
+
+
+# --- the response cache: deterministic answers only ----------------------------------------------------
+@pytest.fixture(scope="module")
+def cached_chat(serve_module, tiny_chat_dir):
+    return serve_module(["model=hf_causal_lm", f"model.path={tiny_chat_dir}", "model.served_name=tiny_chat",
+                         "cache=memory", "tracing=none"])
+
+
+def test_a_deterministic_answer_is_cached_and_a_streamed_hit_replays(cached_chat):
+    body = {"messages": [{"role": "user", "content": "hello world, cache me"}], "max_tokens": 9, "temperature": 0}
+    url = cached_chat.url + "/v1/chat/completions"
+    first = httpx.post(url, json=body, timeout=60)
+    assert first.status_code == 200 and first.headers["x-cache"] == "miss"
+    tokens_before = metric_samples(cached_chat)["hydraserve_generation_tokens_total"]
+    second = httpx.post(url, json=body, timeout=60)
+    assert second.headers["x-cache"] == "hit"
+    assert second.json()["choices"][0]["message"] == first.json()["choices"][0]["message"]
+    assert second.json()["usage"] == first.json()["usage"]
+    # A streamed request for the same answer is the same entry, replayed as server-sent events.
+    stream = client(cached_chat).chat.completions.with_raw_response.create(
+        model="tiny_chat", messages=body["messages"], max_tokens=9, temperature=0, stream=True,
+        stream_options={"include_usage": True})
+    assert stream.headers["x-cache"] == "hit"
+    chunks = list(stream.parse())
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == \
+        first.json()["choices"][0]["message"]["content"]
+    assert chunks[-1].usage.completion_tokens == 9
+    assert metric_samples(cached_chat)["hydraserve_generation_tokens_total"] == tokens_before  # never computed
+    # Another sampling parameter is another answer; a sampled request is never cached.
+    assert httpx.post(url, json={**body, "max_tokens": 8}, timeout=60).headers["x-cache"] == "miss"
+    sampled = {**body, "temperature": 1.0}
+    assert httpx.post(url, json=sampled, timeout=60).headers["x-cache"] == "bypass"
+    assert httpx.post(url, json=sampled, timeout=60).headers["x-cache"] == "bypass"
+    # A seeded request is deterministic: cached.
+    seeded = {**body, "temperature": 1.0, "seed": 7}
+    assert httpx.post(url, json=seeded, timeout=60).headers["x-cache"] == "miss"
+    assert httpx.post(url, json=seeded, timeout=60).headers["x-cache"] == "hit"
