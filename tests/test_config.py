@@ -124,13 +124,13 @@ def test_errors_are_collected_with_full_keys():
 
 def test_unknown_plugin_lists_available_choices():
     with pytest.raises(Exception) as info:
-        compose(["cache=redis"])
-    assert "redis" in str(info.value)
+        compose(["cache=memcached"])
+    assert "memcached" in str(info.value)
     raw = compose(["model=echo"])
-    raw.cache.name = "redis"
+    raw.cache.name = "memcached"
     with pytest.raises(ConfigError) as info:
         validate(raw)
-    assert "cache: unknown plugin 'redis' for group 'cache'; available:" in str(info.value)
+    assert "cache: unknown plugin 'memcached' for group 'cache'; available:" in str(info.value)
     assert "none" in str(info.value)
 
 
