@@ -262,16 +262,20 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=None, help="concurrency-1 requests (default 5, --quick 2)")
     ap.add_argument("--streams", type=int, default=None, help="concurrent streams (default 16, --quick 4)")
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--from-json", help="render (and with --save write) the results of an earlier run's JSON")
     args = ap.parse_args()
     # A SIGTERM (timeout, kill) unwinds like Ctrl-C, so run_server's finally stops the server it started:
     # ServerProcess runs it in a session of its own, which would otherwise outlive this process.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
+    if args.from_json:
+        return finish(json.loads(Path(args.from_json).read_text()), args)
     reps = args.reps or (2 if args.quick else 5)
     nstreams = args.streams or (4 if args.quick else 16)
     n = args.new_tokens
     questions = QUESTIONS[:nstreams]
     started = datetime.now(timezone.utc)
-    res: dict = {"date": started.isoformat(timespec="seconds"), "quick": args.quick, "reps": reps,
+    res: dict = {"command": " ".join([".venv/bin/python benchmarks/generation.py", *sys.argv[1:]]),
+                 "date": started.isoformat(timespec="seconds"), "quick": args.quick, "reps": reps,
                  "streams": nstreams, "new_tokens": n, "load_avg_start": load_avg()}
     res["machine"] = {"nproc": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
                       "torch": torch.__version__, "torch_threads": torch.get_num_threads()}
@@ -337,7 +341,17 @@ def main() -> None:
     res["goals"] = {k: (v >= targets[k] if k.startswith(("speedup", "agreement")) else v <= targets[k])
                     for k, v in ratios.items()}
     res["worker_peak_rss_mib"] = shipped["worker_rss_mib"].get("VmHWM")
+    raw = Path(tempfile.gettempdir()) / "hydraserve-generation-last.json"
+    raw.write_text(json.dumps(res, indent=2) + "\n")  # kept even when rendering fails: --from-json
+    print(f"raw results: {raw}")
+    finish(res, args)
 
+
+def _interrupt(*_) -> None:
+    raise KeyboardInterrupt
+
+
+def finish(res: dict, args: argparse.Namespace) -> None:
     md = render(res, args)
     print("\n".join(md))
     if args.save:
@@ -355,9 +369,7 @@ def render(res: dict, args: argparse.Namespace) -> list[str]:
     def mark(key: str) -> str:
         return "**met**" if g[key] else "**missed**"
 
-    cmd = "`.venv/bin/python benchmarks/generation.py" + (" --quick" if args.quick else "") + \
-        (f" --reps {args.reps}" if args.reps else "") + (f" --streams {args.streams}" if args.streams else "") + \
-        (" --save" if args.save else "") + "`"
+    cmd = f"`{res['command']}`"
     return [
         "# Chat serving goals: `hydraserve serve model=smollm2` over HTTP vs in-process transformers (CPU)", "",
         f"{cmd}, {res['date']}; {m['nproc']} cores ({m['platform']}), torch {m['torch']}, "
