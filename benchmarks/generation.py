@@ -297,7 +297,7 @@ def main() -> None:
         bare_before = bare_session(model, prompts[0], n, reps)
         phase("in process: sequential generate (32 tokens, the correctness reference)")
         model.generate(torch.tensor([prompts[0]]), max_new_tokens=4, do_sample=False)  # warm-up
-        seq, seq_s = sequential_generate(model, prompts, CHECK_TOKENS, eos)
+        seq, seq_s = sequential_generate(model, prompts, min(CHECK_TOKENS, n), eos)
         expected = [tokenizer.decode(o, skip_special_tokens=True).rstrip("\ufffd") for o in seq]
         phase("in process: static left-padded generate batch")
         static_s, static_tokens = static_batch_ignore_eos(model, prompts, n, pad)
