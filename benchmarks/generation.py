@@ -398,7 +398,8 @@ def render(res: dict, args: argparse.Namespace) -> list[str]:
         f"{mark('speedup_vs_static')} |",
         f"| 2. ITL p99, {ns} streams vs concurrency 1 (ms) | {s16['itl_p99']:.1f} | {c1['itl_p99']:.1f} | "
         f"{r['itl_p99_ratio']:.2f}x | <= 3x | {mark('itl_p99_ratio')} |",
-        f"| 3. greedy agreement, first 32 tokens | {res['agreement']['shipped']}/{res['agreement']['of']} | "
+        f"| 3. greedy agreement, first {min(CHECK_TOKENS, res['new_tokens'])} tokens | "
+        f"{res['agreement']['shipped']}/{res['agreement']['of']} | "
         f"sequential generate | | >= {res['agreement']['of'] - 1}/{res['agreement']['of']} | {mark('agreement')} |",
         f"| 4. worker peak RSS at {ns} streams (VmHWM, MiB) | {res['worker_peak_rss_mib']} | | | report | |", "",
         "Latency detail (ms; ITL = gaps between content deltas as the client received them):", "",
@@ -412,7 +413,7 @@ def render(res: dict, args: argparse.Namespace) -> list[str]:
                           (f"server max_num_seqs=1, {ns} streams", s1))), "",
         f"Server-side means at concurrency 1 (the API process's /metrics histograms): TTFT "
         f"{_fmt(c1['server_side_mean_ms']['ttft'])} ms, ITL {_fmt(c1['server_side_mean_ms']['itl'])} ms "
-        f"(client-side ITL mean {c1['itl_mean']:.1f} ms). Content chunks per 64-token request: "
+        f"(client-side ITL mean {c1['itl_mean']:.1f} ms). Content chunks per {res['new_tokens']}-token request: "
         f"{c1['chunks_per_request']} (usage tokens {c1['tokens_per_request']}).", "",
         "| throughput | output tokens | seconds | tokens/s |", "| --- | ---: | ---: | ---: |",
         f"| server as shipped, {ns} streams | {s16['output_tokens']} | "
@@ -426,7 +427,8 @@ def render(res: dict, args: argparse.Namespace) -> list[str]:
         f"| sequential generate, 32 tokens to EOS (correctness reference) | "
         f"{ip['sequential_generate_32']['output_tokens']} | {ip['sequential_generate_32']['seconds']:.1f} | "
         f"{ip['sequential_generate_32']['tokens_per_s']:.1f} |", "",
-        f"Greedy agreement (server text starts with sequential generate's first 32 tokens decoded): shipped "
+        f"Greedy agreement (server text starts with sequential generate's first {min(CHECK_TOKENS, res['new_tokens'])} "
+        f"tokens decoded): shipped "
         f"{res['agreement']['shipped']}/{res['agreement']['of']} (mismatches {res['agreement']['shipped_mismatches']}),"
         f" max_num_seqs=1 {res['agreement']['serial']}/{res['agreement']['of']} "
         f"(mismatches {res['agreement']['serial_mismatches']}).", "",
