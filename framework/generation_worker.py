@@ -63,6 +63,13 @@ def prepare_generation(model: GenerativeModelPlugin, quantization: QuantizationP
     t = time.perf_counter()
     model.load(device)
     report["load_ms"] = _ms(t)
+    if not quantization.is_identity():
+        # Quantize the loaded weights in place (the engine runs the model's own layers), then compare
+        # with a full-precision copy on greedy tokens and perplexity; below the floor this raises
+        # GenerationQualityGateError and the worker does not start (framework/generation/quality.py).
+        from framework.generation.quality import quantize_and_gate
+
+        report.update(quantize_and_gate(model, quantization, device))
     forward = model.batched_forward(config.max_num_seqs, config.max_model_len)
     engine = GenerationEngine(forward, model.tokenizer, config, eos_token_ids=model.eos_token_ids())
     per_token = model.kv_bytes_per_token()

@@ -212,15 +212,29 @@ class GenerativeModelPlugin(ModelPlugin):
         """A prompt generated once at start-up so the first request does not pay for cold paths."""
         return {"text": "Hello"}
 
+    def calibration_prompts(self) -> list[dict]:
+        """Prompts (``{"messages": [...]}`` or ``{"text": ...}``) the quantization quality gate generates
+        from with the full-precision and the quantized weights (``framework.generation.quality``); chat
+        messages fall back to their text for a model without a chat template. Default: a few built-in
+        prompts; return ``[]`` to skip the gate."""
+        from framework.generation.quality import DEFAULT_CALIBRATION_PROMPTS
+
+        return [dict(p) for p in DEFAULT_CALIBRATION_PROMPTS]
+
     def check(self, ctx: CheckContext) -> list[str]:
         found = []
         if ctx.batching is not None and ctx.batching.engine_config() is None:
             found.append("batching: a generative model runs on the continuous-batching engine; "
                          "use batching=continuous")
-        if ctx.quantization is not None and not ctx.quantization.is_identity():
-            found.append(f"quantization: the generation engine runs the weights as loaded for now; "
-                         f"quantization={ctx.quantization.scheme_name} is not supported with a generative model "
-                         "(use quantization=none)")
+        q = ctx.quantization
+        # Schemes that rewrite nn.Linear in place (torchao) or cast in place run on the engine's batched
+        # forward; the quantization plugin's own check refuses what the hardware cannot run (int4, fp16,
+        # float8 on a CPU). Other plugins must rewrite in place too (checked when applied). Refused: a
+        # scheme meant for another model kind (declared by ``generative_ok = False`` on its class).
+        if q is not None and not q.is_identity() and getattr(q, "generative_ok", True) is False:
+            found.append(f"quantization: quantization={q.scheme_name} cannot run on a generative model "
+                         "(it does not rewrite the layers in place); use quantization=int8_weight_only, "
+                         "bf16 or none")
         return found
 
 
