@@ -199,9 +199,12 @@ class GenerativeModelPlugin(ModelPlugin):
         eos = getattr(self.tokenizer, "eos_token_id", None)
         return [] if eos is None else [int(eos)]
 
-    def batched_forward(self, max_num_seqs: int, max_model_len: int) -> Any:
+    def batched_forward(self, max_num_seqs: int, max_model_len: int, compile_mode: str = "off") -> Any:
         """A ``framework.generation.BatchedCausalLM`` over the loaded weights, with a KV cache of
-        ``max_num_seqs`` slots of ``max_model_len`` positions (worker side, after ``load``)."""
+        ``max_num_seqs`` slots of ``max_model_len`` positions (worker side, after ``load``).
+        ``compile_mode`` is ``hardware.compile`` (off | auto | default | max-autotune | reduce-overhead):
+        a forward may compile its steps under it (and compile them in a ``warmup()`` method if it has
+        one) or ignore it."""
         raise NotImplementedError
 
     def kv_bytes_per_token(self) -> int | None:

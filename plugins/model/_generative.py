@@ -19,10 +19,10 @@ from framework import GenerativeModelPlugin, RequestError
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def _llama_forward(model: Any, max_num_seqs: int, max_model_len: int) -> Any:
+def _llama_forward(model: Any, max_num_seqs: int, max_model_len: int, compile_mode: str = "off") -> Any:
     from plugins.model._llama_batched import LlamaBatchedForward
 
-    return LlamaBatchedForward(model, max_num_seqs, max_model_len)
+    return LlamaBatchedForward(model, max_num_seqs, max_model_len, compile_mode=compile_mode)
 
 
 #: ``config.model_type`` -> the ``BatchedCausalLM`` builder for that architecture.
@@ -183,12 +183,12 @@ class CausalLMPlugin(GenerativeModelPlugin):
                 ids.append(int(t))
         return ids
 
-    def batched_forward(self, max_num_seqs: int, max_model_len: int) -> Any:
+    def batched_forward(self, max_num_seqs: int, max_model_len: int, compile_mode: str = "off") -> Any:
         model_type = getattr(self.module.config, "model_type", None)
         why = unsupported_architecture(model_type)
         if why is not None:
             raise ValueError(why)
-        return BATCHED_FORWARDS[model_type](self.module, max_num_seqs, max_model_len)
+        return BATCHED_FORWARDS[model_type](self.module, max_num_seqs, max_model_len, compile_mode)
 
     def kv_bytes_per_token(self) -> int | None:
         if self.module is None:
