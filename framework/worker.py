@@ -205,6 +205,9 @@ def serve_forever(model: ModelPlugin, batching: BatchingPlugin, hardware: Hardwa
     streaming = model.streaming()
     pending: deque[Pending] = deque()
     pending_items = 0
+    # The depth last written to the gauge: a write is a locked store into prometheus' mmap file (ten
+    # calls), so it happens only when the depth changes, not twice a batch (0 -> 0 at concurrency 1).
+    shown_depth = None
 
     def admit(raw_messages: list[bytes]) -> None:
         nonlocal pending_items
@@ -233,13 +236,15 @@ def serve_forever(model: ModelPlugin, batching: BatchingPlugin, hardware: Hardwa
                 pending_items -= req.n
                 channel.send(req.reply_to, encode_error(req.id, 504, "deadline exceeded before compute"))
             if not pending:
-                metrics.set_queue_depth(0)
+                if shown_depth != 0:
+                    metrics.set_queue_depth(shown_depth := 0)
                 continue
-        metrics.set_queue_depth(pending_items)
         if log.isEnabledFor(logging.DEBUG):
             log.debug("queue depth %d items in %d requests", pending_items, len(pending))
         decision = batching.plan(pending_items, pending[0].arrival, min(r.deadline for r in pending), now)
         if not decision.run:
+            if shown_depth != pending_items:  # all of it waits (for company, or for its deadline)
+                metrics.set_queue_depth(shown_depth := pending_items)
             admit(channel.recv(max(decision.wait_s, 0.0)))
             continue
         batch = [pending.popleft()]
@@ -251,7 +256,8 @@ def serve_forever(model: ModelPlugin, batching: BatchingPlugin, hardware: Hardwa
         pending_items -= taken
         # What is still waiting while this batch runs (0 once the queue drains): without this the
         # gauge kept the depth seen before the last batch, 1 on an idle server.
-        metrics.set_queue_depth(pending_items)
+        if shown_depth != pending_items:
+            metrics.set_queue_depth(shown_depth := pending_items)
         seconds = runner.run_streams(batch) if streaming else runner.run(batch)
         batching.record(taken, seconds)
         tracing.flush_if_due()  # a worker that is never idle still writes its spans on time
