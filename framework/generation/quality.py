@@ -67,12 +67,13 @@ class GenerationQualityGateError(QualityGateError):
     def __init__(self, scheme: str, measured: float, min_quality: float, quality: dict):
         super().__init__(scheme, measured, min_quality, quality)
         positions = quality.get("positions", "?")
+        more_precise = "quantization=none" if scheme in ("bf16", "fp16") else "e.g. quantization=bf16 or none"
         self.args = (
             f"quality gate failed for quantization={scheme}: greedy token agreement with the "
             f"full-precision model is {measured:.4f} over {positions} positions (greedy prefix agreement "
             f"{quality.get('greedy_prefix_agreement', float('nan')):.3f}, perplexity ratio "
             f"{quality.get('perplexity_ratio', float('nan')):.3f}), below quantization.min_quality={min_quality}. "
-            "Use a more precise scheme (e.g. quantization=bf16 or none), keep sensitive layers in full "
+            f"Use a more precise scheme ({more_precise}), keep sensitive layers in full "
             "precision (quantization.skip=[...]), or lower quantization.min_quality if this is acceptable "
             "(null turns the gate off).",)
 
