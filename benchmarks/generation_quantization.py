@@ -49,6 +49,23 @@ def _status_kib(field: str) -> int:
     return 0
 
 
+def _weight_bytes(module) -> int:
+    """Bytes the parameters hold, a torchao tensor's inner tensors (int8 data, scales) counted."""
+    seen, total = set(), 0
+
+    def inner(t):
+        if hasattr(t, "__tensor_flatten__") and type(t).__name__ not in ("Parameter", "Tensor"):
+            names, _ = t.__tensor_flatten__()
+            return sum(inner(getattr(t, n)) for n in names)
+        return t.numel() * t.element_size()
+
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += inner(p.data if type(p).__name__ == "Parameter" else p)
+    return total
+
+
 def _engine_run(model, prompts, n, max_num_seqs):
     from framework.generation import EngineConfig, GenerationEngine, GenerationRequest
 
@@ -106,6 +123,7 @@ def one(scheme: str, n: int, streams: int, threads: int = 0) -> dict:
         out["ttft_b1_ms"] = round(times[0] * 1e3, 1)
         tokens, elapsed, _ = _engine_run(model, (prompts * streams)[:streams], n, streams)
         out["tokens_per_s_16"] = round(tokens / elapsed, 1)
+    out["weights_mib"] = round(_weight_bytes(model.module) / 2**20, 1)
     out["rss_mib"] = round(_status_kib("VmRSS") / 1024)
     out["peak_rss_mib"] = round(_status_kib("VmHWM") / 1024)
     return out
@@ -114,13 +132,13 @@ def one(scheme: str, n: int, streams: int, threads: int = 0) -> dict:
 def _row(res: dict) -> str:
     label = LABELS.get(res["scheme"], res["scheme"])
     if "refused" in res:
-        return f"| {label} | refused before start: {res['refused']} | | | | | | |"
+        return f"| {label} | refused before start: {res['refused']} | | | | | | | |"
 
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
     return (f"| {label} | {f(res['itl_b1_ms'], '.1f')} | {f(res['tokens_per_s_16'], '.1f')} | "
-            f"{res['rss_mib']} | {res['peak_rss_mib']} | {f(res['token_agreement'], '.4f')} | "
+            f"{res['weights_mib']} | {res['rss_mib']} | {res['peak_rss_mib']} | {f(res['token_agreement'], '.4f')} | "
             f"{f(res['greedy_prefix_agreement'], '.3f')} | {f(res['perplexity_ratio'], '.4f')} |")
 
 
@@ -164,9 +182,9 @@ def main() -> None:
         f"**The machine was shared with other work**: load average (1, 5, 15 min) "
         f"{tuple(round(x, 1) for x in load_before)} before and {tuple(round(x, 1) for x in load_after)} after, "
         "so absolute timings are inflated and noisy; compare schemes within this run.", "",
-        "| scheme | ITL b1 ms | tok/s @16 | RSS MiB | peak RSS MiB | token agreement (gated) | "
+        "| scheme | ITL b1 ms | tok/s @16 | weights MiB | RSS MiB | peak RSS MiB | token agreement (gated) | "
         "greedy prefix agreement | perplexity ratio |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         *(_row(r) for r in results), "",
         "Token agreement: the reference's greedy tokens (32 per calibration prompt, 4 prompts) read back by the "
         "quantized model with teacher forcing; the fraction it would pick itself. Greedy prefix agreement: "

@@ -297,6 +297,7 @@ def quantize_and_gate(model: Any, quantization: Any, device: str, tokens: int = 
     finally:
         del reference
         gc.collect()
+        _return_freed_memory()
     if quality is None:
         report.update(quality=None, quality_gate="skipped: the model has no calibration prompts",
                       perplexity_ratio=None)
@@ -309,6 +310,18 @@ def quantize_and_gate(model: Any, quantization: Any, device: str, tokens: int = 
         raise GenerationQualityGateError(quantization.scheme_name, value, floor, quality)
     report["quality_gate"] = "passed" if floor is not None else "measured (no floor)"
     return report
+
+
+def _return_freed_memory() -> None:
+    """glibc keeps the freed reference's pages in its arenas (RSS stays at the peak); hand them back."""
+    import ctypes
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
 
 def _ms(start: float) -> float:
