@@ -24,8 +24,9 @@ Every baseline in the same run, one thing on the CPU at a time:
 Goals (issue): server TTFT p50 and ITL p50 at concurrency 1 each <= 1.15x the bare loop's; at 16 streams
 tokens/s >= 6x max_num_seqs=1 and >= the static batch, ITL p99 <= 3x its concurrency-1 value; greedy
 output (first 32 tokens, compared as text against sequential generate) equal for >= 15 of 16 prompts.
-The default ``cache=disk`` is kept: only non-streamed deterministic answers are cached, every request here
-streams. The load average is recorded at the start and around each phase: other work on the machine
+The default ``cache=disk`` is kept, but every request sends ``Cache-Control: no-cache``: the cache answers
+deterministic requests (greedy ones included, streamed as a replay), and a hit is not generation.
+The load average is recorded at the start and around each phase: other work on the machine
 shares its cores.
 """
 
@@ -137,7 +138,10 @@ async def stream_chat(client: httpx.AsyncClient, question: str, n: int) -> dict:
             "temperature": 0, "max_tokens": n, "ignore_eos": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     times, pieces, tokens = [], [], None
-    async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+    # no-cache: the shipped config caches deterministic answers (cache=disk), and a replayed hit is
+    # not generation; every server here must compute every answer.
+    async with client.stream("POST", "/v1/chat/completions", json=body,
+                             headers={"Cache-Control": "no-cache"}) as resp:
         if resp.status_code != 200:
             raise RuntimeError(f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
         async for line in resp.aiter_lines():
@@ -381,8 +385,9 @@ def render(res: dict, args: argparse.Namespace) -> list[str]:
         f"{sh['load_avg_before_streams']}; at the end {res['load_avg_end']} (this run's own processes count too; "
         "other work shares the machine, so anything above ~1 at the start means a core was taken by someone "
         "else for part of the run).", "",
-        f"Servers: `{sh['command']}` (as shipped: continuous batching, default cache and tracing; only "
-        "non-streamed answers are cached, every request here streams) and the same with `batching.max_num_seqs=1`. "
+        f"Servers: `{sh['command']}` (as shipped: continuous batching, default cache and tracing; every "
+        "request sends `Cache-Control: no-cache`, so none is answered from the cache) and the same with "
+        "`batching.max_num_seqs=1`. "
         "One server at a time; the bare loop runs before and after them, with no server alive. The "
         "max_num_seqs=1 server also gets `server.timeout_ms=900000`: it answers the streams one after another, "
         "and the last waits longer than the shipped 30 s deadline for its first token.", "",
