@@ -258,11 +258,18 @@ class Gateway:
             return await asyncio.to_thread(fn, *args)
         return fn(*args)
 
+    async def _lookup(self, lookup: CacheRequest):
+        if self.cache_blocks:  # a front hit answers on the event loop; only a front miss takes a thread
+            hit = self.cache.peek(lookup)
+            if hit is not None:
+                return hit
+        return await self._cache_call(self.cache.get, lookup)
+
     async def _cache_get(self, lookup: CacheRequest):
         if not self.tracing_on:
-            return await self._cache_call(self.cache.get, lookup)
+            return await self._lookup(lookup)
         start_ns = time.time_ns()
-        hit = await self._cache_call(self.cache.get, lookup)
+        hit = await self._lookup(lookup)
         tracing.record("cache.lookup", tracing.current(), start_ns, time.time_ns(),
                        {"cache.result": hit.kind if hit else "miss"})
         return hit

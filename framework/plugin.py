@@ -368,6 +368,12 @@ class CachePlugin(Plugin):
     def get(self, request: CacheRequest) -> CacheHit | None:
         raise NotImplementedError
 
+    def peek(self, request: CacheRequest) -> CacheHit | None:
+        """A lookup that never blocks (e.g. an in-process front of a remote store), tried on the event
+        loop before a ``lookup_may_block`` plugin's ``get`` goes to a thread: a front hit then costs
+        a dict lookup, not a thread hop and a round trip. ``None``: not known here (``get`` decides)."""
+        return None
+
     def put(self, request: CacheRequest, value: bytes) -> None:
         raise NotImplementedError
 

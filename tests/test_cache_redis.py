@@ -165,7 +165,8 @@ def _timed(fn, *args):
 def test_redis_killed_mid_way_degrades_to_counted_misses_then_recovers(tmp_path, caplog):
     url, proc = start_redis(tmp_path)
     port = int(url.rsplit(":", 1)[1].split("/")[0])
-    cache = make(url, backoff_initial_s=0.2, backoff_max_s=0.4, log_interval_s=60)
+    # No front: every lookup goes to Redis (test_front_serves_known_answers_while_redis_is_down has one).
+    cache = make(url, backoff_initial_s=0.2, backoff_max_s=0.4, log_interval_s=60, front_entries=0)
     cache.put(req("k"), b"v")
     assert cache.get(req("k")).value == b"v"
     before_get, before_put = errors("get"), errors("put")
@@ -197,6 +198,21 @@ def test_redis_killed_mid_way_degrades_to_counted_misses_then_recovers(tmp_path,
         assert cache._failures == 0
     finally:
         stop(proc2)
+
+
+def test_front_serves_known_answers_while_redis_is_down(tmp_path):
+    url, proc = start_redis(tmp_path)
+    cache = make(url, backoff_initial_s=0.2, front_ttl_s=0.5)
+    cache.put(req("known"), b"answer")
+    other = make(url)  # another process (or replica): its front is empty, so it reads Redis
+    assert other.get(req("known")).value == b"answer"
+    stop(proc, timeout=2)
+    hit, dt = _timed(cache.peek, req("known"))  # the front answers without touching Redis
+    assert hit.value == b"answer" and dt < 0.05
+    assert cache.get(req("known")).value == b"answer"
+    assert cache.get(req("unknown")) is None  # everything else is a (counted) miss
+    time.sleep(0.6)
+    assert cache.peek(req("known")) is None  # front_ttl_s: a copy does not outlive it
 
 
 def test_a_hanging_redis_costs_one_socket_timeout():
@@ -268,7 +284,8 @@ def _post(url: str, body: dict) -> httpx.Response:
 def test_server_miss_then_hit_and_survives_redis_going_away(serve, tmp_path):
     url, proc = start_redis(tmp_path, password=SECRET)
     try:
-        server = serve(["model=echo", "cache=redis", f"cache.url={url}", "tracing=none"])
+        # No front, so the lookups after Redis goes away reach it (and miss) in whichever API process.
+        server = serve(["model=echo", "cache=redis", f"cache.url={url}", "cache.front_entries=0", "tracing=none"])
         body = {"input": "hello redis"}
         first = _post(server.url, body)
         assert first.status_code == 200 and first.headers["x-cache"] == "miss"

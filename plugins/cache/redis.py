@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from framework import CacheHit, CachePlugin, CacheRequest, CheckContext
+from plugins.cache._lru import MemoryStore
 
 log = logging.getLogger("hydraserve.cache.redis")
 
@@ -73,6 +74,13 @@ class RedisCacheConfig:
     backoff_max_s: float = 30.0  # ...up to this
     log_interval_s: float = 60.0  # a failing Redis is logged once, then at most this often
     lookup_in_thread: bool = True  # True: get/put run in a thread (a network round trip); False: on the event loop
+    # A small per-process LRU in front of Redis: a repeated hit costs a dict lookup on the event loop
+    # instead of a thread hop and a round trip. Keys are content-addressed (config + input), so a front
+    # copy is the answer Redis holds; it lives front_ttl_s at most, so another replica's `cache clear`
+    # (or Redis's TTL) is seen here within that time.
+    front_entries: int = 1024  # 0 disables the front
+    front_bytes: int = 64 * 1024 * 1024
+    front_ttl_s: float = 60.0
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
@@ -90,6 +98,10 @@ class RedisCacheConfig:
             out.append(("max_value_bytes", f"must be > 0, got {self.max_value_bytes}"))
         if self.log_interval_s < 0:
             out.append(("log_interval_s", f"must be >= 0, got {self.log_interval_s}"))
+        if self.front_entries < 0 or self.front_bytes < 0:
+            out.append(("front_entries", "front_entries and front_bytes must be >= 0 (0 disables the front)"))
+        if self.front_ttl_s <= 0:
+            out.append(("front_ttl_s", f"must be > 0 seconds, got {self.front_ttl_s}"))
         return out
 
 
@@ -105,6 +117,11 @@ class RedisCache(CachePlugin):
 
     def _reset_state(self) -> None:
         self._client = None
+        c = self.config
+        # A front copy never outlives the Redis entry it copies (ttl_s) nor front_ttl_s.
+        front_ttl = c.front_ttl_s if c.ttl_s is None else min(c.front_ttl_s, c.ttl_s)
+        self._front = (MemoryStore(c.front_entries, c.front_bytes, front_ttl)
+                       if c.front_entries > 0 and c.front_bytes > 0 else None)
         self._state_lock = threading.Lock()
         self._failures = 0  # failures in a row
         self._skip_until = 0.0  # monotonic time before which Redis is not called
@@ -217,7 +234,18 @@ class RedisCache(CachePlugin):
         self.counts["skipped"] += 1
 
     # --- the contract -----------------------------------------------------------------------
+    def peek(self, request: CacheRequest) -> CacheHit | None:
+        front = self._front
+        value = front.get(request.key) if front is not None else None
+        if value is None:
+            return None
+        self.counts["hits"] += 1
+        return CacheHit(value)
+
     def get(self, request: CacheRequest) -> CacheHit | None:
+        hit = self.peek(request)
+        if hit is not None:
+            return hit
         if self._skipping():
             self._skipped("get")
             return None
@@ -231,11 +259,16 @@ class RedisCache(CachePlugin):
             self.counts["misses"] += 1
             return None
         self.counts["hits"] += 1
-        return CacheHit(bytes(value))
+        value = bytes(value)
+        if self._front is not None:
+            self._front.put(request.key, value)
+        return CacheHit(value)
 
     def put(self, request: CacheRequest, value: bytes) -> None:
         if len(value) > self.config.max_value_bytes:
             return
+        if self._front is not None:
+            self._front.put(request.key, bytes(value))
         if self._skipping():
             self._skipped("put")
             return
@@ -284,6 +317,8 @@ class RedisCache(CachePlugin):
                 batch = []
         if batch:
             removed += client.unlink(*batch)
+        if self._front is not None:
+            self._front.clear()
         return int(removed)
 
     def __getstate__(self) -> dict:
