@@ -182,8 +182,28 @@ def write_summary(results: dict, out_dir: str | Path) -> Path:
     return path
 
 
+# Per series: hydraserve first, then each baseline; a colour and a marker each, the same in both panels.
+SERIES_STYLE = (("tab:blue", "o"), ("tab:orange", "s"), ("tab:green", "^"), ("tab:purple", "D"),
+                ("tab:brown", "v"), ("tab:pink", "P"))
+
+
+def _series(results: dict) -> tuple[list[tuple[str, list[dict]]], list[str]]:
+    """(name, stages that answered) for hydraserve and every baseline with data; failed baselines' names."""
+    series = [("hydraserve", [s for s in results.get("stages") or [] if s.get("ok")])]
+    failed = []
+    for name, base in (results.get("baselines") or {}).items():
+        st = [s for s in (base or {}).get("stages") or [] if s.get("ok")]
+        if st:
+            series.append((name, st))
+        else:
+            failed.append(name)
+    return series, failed
+
+
 def plot_latency(results: dict, out_dir: str | Path) -> Path | None:
-    """Latency percentiles and throughput/goodput against the offered rate (baselines dashed)."""
+    """Latency (p50 point, p90 tick, whisker to p99) and goodput/throughput per offered rate, one colour
+    and marker per server (hydraserve solid, baselines dashed). Rates sit side by side as categories, so
+    a run with a single rate reads as well as a sweep."""
     stages = results.get("stages") or []
     if not any(s.get("ok") for s in stages):
         return None
@@ -193,36 +213,76 @@ def plot_latency(results: dict, out_dir: str | Path) -> Path | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-    fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(12, 4.5))
-    series = [("hydraserve", stages, "-")] + [
-        (name, b.get("stages") or [], "--") for name, b in (results.get("baselines") or {}).items()]
-    colours = {"p50": "tab:blue", "p90": "tab:green", "p95": "tab:orange", "p99": "tab:red"}
-    for name, st, style in series:
-        st = [s for s in st if s.get("ok")]
-        if not st:
-            continue
-        rates = [s["offered_rate"] for s in st]
-        for p in ("p50", "p90", "p99"):
-            ax_lat.plot(rates, [s["latency_ms"][p] for s in st], style, marker="o", color=colours[p],
-                        label=f"{name} {p}")
-        ax_thr.plot(rates, [s["goodput"] for s in st], style, marker="o", label=f"{name} goodput")
-        if name == "hydraserve":
-            ax_thr.plot(rates, [s["throughput"] for s in st], ":", marker="x", label=f"{name} throughput")
+    series, failed = _series(results)
+    rates = sorted({s["offered_rate"] for _, st in series for s in st})
+    pos = {r: i for i, r in enumerate(rates)}
+    n = len(series)
+    width = 0.8 / n  # each server's slot inside a rate's group
+    fig, (ax_lat, ax_thr) = plt.subplots(1, 2, figsize=(12, 5.8))
+    for k, (_name, st) in enumerate(series):
+        colour, marker = SERIES_STYLE[k % len(SERIES_STYLE)]
+        style = "-" if k == 0 else "--"
+        shift = (k - (n - 1) / 2) * width
+        lat = [s for s in st if s["latency_ms"].get("p50") is not None]
+        xs = [pos[s["offered_rate"]] + shift for s in lat]
+        p50 = [s["latency_ms"]["p50"] for s in lat]
+        p90 = [s["latency_ms"].get("p90") or s["latency_ms"]["p50"] for s in lat]
+        p99 = [s["latency_ms"].get("p99") or s["latency_ms"]["p50"] for s in lat]
+        ax_lat.errorbar(xs, p50, yerr=[[0] * len(p50), [hi - lo for lo, hi in zip(p50, p99, strict=True)]],
+                        fmt=marker, color=colour, markersize=7, capsize=4, elinewidth=1.2, zorder=3)
+        ax_lat.plot(xs, p90, "_", color=colour, markersize=12, markeredgewidth=2, zorder=3)
+        if len(xs) > 1:
+            ax_lat.plot(xs, p50, style, color=colour, linewidth=1.2, alpha=0.8)
+        for x, top in zip(xs, p99, strict=True):
+            ax_lat.annotate(f"{top:.3g}", (x, top), textcoords="offset points", xytext=(0, 4), ha="center",
+                            fontsize=6, color=colour)
+        good = [s.get("goodput") or 0 for s in st]
+        thr = [s.get("throughput") or 0 for s in st]
+        bx = [pos[s["offered_rate"]] + shift for s in st]
+        ax_thr.bar(bx, thr, width=width * 0.9, color=colour, alpha=0.25, edgecolor=colour,
+                   linestyle=style, linewidth=1)
+        bars = ax_thr.bar(bx, good, width=width * 0.9, color=colour, edgecolor=colour,
+                          hatch=None if k == 0 else "//", alpha=0.9)
+        ax_thr.bar_label(bars, labels=[f"{g:.3g}" for g in good], fontsize=7, padding=2)
+    for r, i in pos.items():  # what was offered: a grey bar across the group
+        ax_thr.hlines(r, i - 0.45, i + 0.45, color="grey", linestyle=":", linewidth=1.5)
     slo = results.get("bench", {}).get("slo_ms")
+    handles = [Line2D([], [], color=SERIES_STYLE[k % len(SERIES_STYLE)][0],
+                      marker=SERIES_STYLE[k % len(SERIES_STYLE)][1], linestyle="-" if k == 0 else "--",
+                      label=name) for k, (name, _) in enumerate(series)]
+    handles += [Line2D([], [], color="none", label=f"{name}: failed (see summary.md)") for name in failed]
+    key = [Line2D([], [], color="dimgrey", marker="o", linestyle="none", label="point: p50"),
+           Line2D([], [], color="dimgrey", marker="_", markersize=12, markeredgewidth=2, linestyle="none",
+                  label="tick: p90"),
+           Line2D([], [], color="dimgrey", marker="|", markersize=12, linestyle="none",
+                  label="whisker top: p99 (number)")]
     if slo:
-        ax_lat.axhline(slo, color="grey", linewidth=0.8, linestyle=":", label=f"SLO {slo:g} ms")
-    top = max(s["offered_rate"] for s in stages)
-    ax_thr.plot([0, top], [0, top], color="lightgrey", linewidth=0.8, label="offered")
-    ax_lat.set(xlabel="offered rate (req/s)", ylabel="latency from intended send (ms)", yscale="log",
-               title="latency percentiles")
-    ax_thr.set(xlabel="offered rate (req/s)", ylabel="req/s", title="goodput (within SLO) and throughput")
+        ax_lat.axhline(slo, color="red", linewidth=1, linestyle=":")
+        key.append(Line2D([], [], color="red", linestyle=":", label=f"SLO {slo:g} ms"))
+    ax_lat.set(ylabel="latency from intended send (ms, log)", yscale="log",
+               title="latency per offered rate: p50, p90, p99")
+    thr_key = [Patch(facecolor="dimgrey", label="solid: goodput (2xx within SLO, req/s)"),
+               Patch(facecolor="dimgrey", alpha=0.25, label="light: throughput (2xx req/s)"),
+               Line2D([], [], color="grey", linestyle=":", linewidth=1.5, label="offered rate")]
+    ax_thr.set(ylabel="requests per second", title="goodput and throughput per offered rate")
+    ax_thr.set_ylim(0, max([*rates, *(s.get("throughput") or 0 for _, st in series for s in st)]) * 1.18)
     for ax in (ax_lat, ax_thr):
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.set_xticks(range(len(rates)), [f"{r:g}" for r in rates])
+        ax.set_xlim(-0.6, len(rates) - 0.4)
+        ax.set_xlabel("offered rate (req/s)")
+        ax.grid(True, axis="y", alpha=0.3)
+    # Legends below the panels, never over the data: the servers once for both, then each panel's key.
+    for ax, extra in ((ax_lat, key), (ax_thr, thr_key)):
+        ax.legend(handles=extra, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2,
+                  frameon=False)
+    fig.legend(handles=handles, fontsize=8, loc="upper center", bbox_to_anchor=(0.5, 0.95),
+               ncol=min(len(handles), 6), frameon=False)
     choices = ordered_choices(results.get("config", {}).get("choices", {}))
     fig.suptitle(" ".join(f"{k}={v}" for k, v in choices.items()) or "hydraserve bench", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.91))
     path = Path(out_dir) / "latency.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -239,12 +299,14 @@ def plot_chat(results: dict, out_dir: str | Path) -> Path:
     stages = [s for s in results.get("stages") or [] if s.get("ok")]
     slo = (results.get("bench") or {}).get("slo") or {}
     fig, (ax_ttft, ax_itl, ax_thr) = plt.subplots(1, 3, figsize=(15, 4.5))
-    for s in stages:
+    for k, s in enumerate(stages):
         cdf = s["chat"]["cdf"]
         pcts = cdf["percentiles"]
+        colour, marker = SERIES_STYLE[k % len(SERIES_STYLE)]
         for ax, key in ((ax_ttft, "ttft_ms"), (ax_itl, "itl_ms")):
             if cdf.get(key):
-                ax.plot(cdf[key], pcts, marker=".", label=f"{s['offered_rate']:g} req/s")
+                ax.plot(cdf[key], pcts, marker=marker, markersize=4, color=colour,
+                        linestyle=("-", "--", "-.", ":")[k % 4], label=f"{s['offered_rate']:g} req/s")
     if slo.get("ttft_ms"):
         ax_ttft.axvline(slo["ttft_ms"], color="grey", linestyle=":", label=f"SLO {slo['ttft_ms']:g} ms")
     if slo.get("itl_ms"):
@@ -256,17 +318,28 @@ def plot_chat(results: dict, out_dir: str | Path) -> Path:
                xscale="log")
     rates = [s["offered_rate"] for s in stages]
     x = range(len(rates))
-    ax_thr.bar([i - 0.2 for i in x], [s["chat"]["requests_per_s"] for s in stages], width=0.4, label="req/s")
-    ax_thr.bar([i + 0.2 for i in x], [s["chat"]["goodput"] for s in stages], width=0.4, label="goodput req/s")
+    done = ax_thr.bar([i - 0.2 for i in x], [s["chat"]["requests_per_s"] or 0 for s in stages], width=0.4,
+                      label="req/s")
+    good = ax_thr.bar([i + 0.2 for i in x], [s["chat"]["goodput"] or 0 for s in stages], width=0.4,
+                      label="goodput req/s (within both SLOs)")
+    for bars in (done, good):
+        ax_thr.bar_label(bars, fmt="%.3g", fontsize=7, padding=2)
     ax_thr.set_xticks(list(x), [f"{r:g}" for r in rates])
     ax_tok = ax_thr.twinx()
-    ax_tok.plot(list(x), [s["chat"]["output_tokens_per_s"] for s in stages], "k-o", label="output tok/s")
+    tok = [s["chat"]["output_tokens_per_s"] or 0 for s in stages]
+    ax_tok.plot(list(x), tok, "k-o", label="output tok/s (right axis)")
     ax_tok.set_ylabel("output tokens/s")
+    # Headroom on both axes: the legend and the numbers on the bars sit above the bars and the line.
+    ax_thr.set_ylim(0, max([s["chat"]["requests_per_s"] or 0 for s in stages] + [1e-9]) * 1.45)
+    ax_tok.set_ylim(0, max(tok + [1e-9]) * 1.15)
     ax_thr.set(xlabel="offered rate (req/s)", ylabel="req/s", title="throughput and goodput")
-    ax_tok.legend(fontsize=7, loc="upper right")
     for ax in (ax_ttft, ax_itl, ax_thr):
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7, loc="lower right" if ax is not ax_thr else "upper left")
+    for ax in (ax_ttft, ax_itl):
+        ax.legend(fontsize=7, loc="lower right")
+    bar_handles, bar_labels = ax_thr.get_legend_handles_labels()
+    tok_handles, tok_labels = ax_tok.get_legend_handles_labels()
+    ax_tok.legend(bar_handles + tok_handles, bar_labels + tok_labels, fontsize=7, loc="upper left")
     choices = ordered_choices(results.get("config", {}).get("choices", {}))
     fig.suptitle((" ".join(f"{k}={v}" for k, v in choices.items()) or "hydraserve bench") + " (streamed chat)",
                  fontsize=9)

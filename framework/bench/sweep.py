@@ -4,7 +4,8 @@
 ``on_multirun_end`` reads each job's ``results.json`` under the sweep folder and writes there:
 
 * ``comparison.md`` and ``comparison.csv``: one row per config, best first, quality beside each;
-* ``comparison.png``: p99 latency against offered rate per config, and goodput per config;
+* ``comparison.png``: p99 latency against offered rate per config, and goodput per config (numbers on
+  the bars, the recommended config starred);
 * with ``bench.recommend=true``: ``recommended_experiment.yaml``, a ``conf/experiment`` preset of
   the winner (``# @package _global_`` + ``override /group: option`` + parameter overrides).
 
@@ -188,7 +189,15 @@ def write_table(ranked: list[dict], out_dir: Path, winner: dict | None = None,
     return md_path, csv_path
 
 
-def plot(ranked: list[dict], out_dir: Path, winner: dict | None = None) -> Path | None:
+CONFIG_STYLES = (("tab:blue", "o", "-"), ("tab:orange", "s", "--"), ("tab:green", "^", "-."),
+                 ("tab:purple", "D", ":"), ("tab:brown", "v", "-"), ("tab:pink", "P", "--"),
+                 ("tab:olive", "X", "-."), ("tab:cyan", "*", ":"), ("tab:gray", "<", "-"), ("tab:red", ">", "--"))
+
+
+def plot(ranked: list[dict], out_dir: Path, winner: dict | None = None,
+         min_quality: float | None = None) -> Path | None:
+    """p99 per config against the offered rate, and goodput per config (numbers on the bars, the
+    recommended one marked with a star and an arrow). Each config keeps its colour and marker in both."""
     done = [r for r in ranked if r["goodput_rps"] is not None]
     if not done:
         return None
@@ -196,30 +205,78 @@ def plot(ranked: list[dict], out_dir: Path, winner: dict | None = None) -> Path 
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    fig, (ax_lat, ax_good) = plt.subplots(1, 2, figsize=(13, 5))
-    for r in done:
-        st = [s for s in r["_run"].get("stages", []) if s.get("ok")]
-        ax_lat.plot([s["offered_rate"] for s in st], [s["latency_ms"]["p99"] for s in st], marker="o",
-                    label=r["config"][:60])
+    fig, (ax_lat, ax_good) = plt.subplots(1, 2, figsize=(15, max(5.5, 2.0 + 0.6 * len(done))),
+                                          gridspec_kw={"width_ratios": [1, 1.2]})
+    # Left: per offered rate (side by side, so one rate reads as well as many) each config's p50 as its
+    # marker and a whisker up to p99, the p99 written above it.
+    rates = sorted({s["offered_rate"] for r in done for s in r["_run"].get("stages", []) if s.get("ok")})
+    pos = {rate: i for i, rate in enumerate(rates)}
+    width = 0.8 / len(done)
+    for i, r in enumerate(done):
+        colour, marker, style = CONFIG_STYLES[i % len(CONFIG_STYLES)]
+        st = [s for s in r["_run"].get("stages", []) if s.get("ok") and s["latency_ms"].get("p99") is not None]
+        xs = [pos[s["offered_rate"]] + (i - (len(done) - 1) / 2) * width for s in st]
+        p99 = [s["latency_ms"]["p99"] for s in st]
+        p50 = [s["latency_ms"].get("p50") or hi for s, hi in zip(st, p99, strict=True)]
+        star = " ★ recommended" if r is winner else ""
+        ax_lat.errorbar(xs, p50, yerr=[[0] * len(xs), [hi - lo for lo, hi in zip(p50, p99, strict=True)]],
+                        fmt=marker, color=colour, markersize=9 if r is winner else 7, capsize=4,
+                        elinewidth=2.2 if r is winner else 1.2, label=f"#{r['rank']} {r['config'][:70]}{star}")
+        if len(xs) > 1:
+            ax_lat.plot(xs, p50, linestyle=style, color=colour, linewidth=2.2 if r is winner else 1.2)
+        for x, hi in zip(xs, p99, strict=True):
+            ax_lat.annotate(f"{hi:.3g}", (x, hi), textcoords="offset points", xytext=(0, 4), ha="center",
+                            fontsize=7, color=colour)
     slo = done[0].get("slo_ms")
     if slo:
-        ax_lat.axhline(slo, color="grey", linestyle=":", linewidth=0.8, label=f"SLO {slo:g} ms")
-    ax_lat.set(xlabel="offered rate (req/s)", ylabel="p99 latency from intended send (ms)", yscale="log",
-               title="p99 latency per config")
-    ax_lat.grid(True, alpha=0.3)
-    ax_lat.legend(fontsize=7)
-    names = ["\n".join(textwrap.wrap(f"#{r['rank']} {r['config']}", 45)[:3]) for r in done]
-    colours = ["tab:green" if r is winner else "tab:blue" for r in done]
-    bars = ax_good.barh(range(len(done)), [r["goodput_rps"] for r in done], color=colours)
-    for bar, r in zip(bars, done, strict=True):
+        ax_lat.axhline(slo, color="red", linestyle=":", linewidth=1, label=f"SLO {slo:g} ms")
+    ax_lat.set_yscale("log")
+    ax_lat.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 3.0, 5.0, 7.0)))
+    ax_lat.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax_lat.yaxis.set_minor_formatter(NullFormatter())
+    ax_lat.set_xticks(range(len(rates)), [f"{rate:g}" for rate in rates])
+    ax_lat.set_xlim(-0.6, len(rates) - 0.4)
+    ax_lat.set(xlabel="offered rate (req/s)", ylabel="latency from intended send (ms, log)",
+               title="latency per config: p50 (marker) to p99 (whisker, value above)")
+    ax_lat.grid(True, axis="y", alpha=0.3)
+    ax_lat.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=1, frameon=False)
+    names = ["\n".join(textwrap.wrap(f"#{r['rank']} {r['config']}", 40)[:3]) for r in done]
+    colours = [CONFIG_STYLES[i % len(CONFIG_STYLES)][0] for i in range(len(done))]
+    below = [min_quality is not None and r["quality_min"] is not None and r["quality_min"] < min_quality
+             for r in done]
+    bars = ax_good.barh(range(len(done)), [r["goodput_rps"] for r in done], color=colours, alpha=0.85,
+                        edgecolor="black", linewidth=0.5)
+    for bar, low in zip(bars, below, strict=True):
+        if low:
+            bar.set_hatch("xx")
+    top = max(r["goodput_rps"] for r in done) or 1.0
+    for bar, r, low in zip(bars, done, below, strict=True):
         q = r["quality_min"]
-        ax_good.text(bar.get_width(), bar.get_y() + bar.get_height() / 2,
-                     f" {'ref' if q is None else f'cos {q:.4f}'}", va="center", fontsize=7)
+        quality = "quality: reference" if q is None else f"{r['quality_metric'] or 'quality'} min {q:.4f}"
+        text = f" {r['goodput_rps']:.1f} req/s at {fmt(r['at_offered_rps'], 0)} offered · {quality}"
+        if low:
+            text += f" (below {min_quality})"
+        y = bar.get_y() + bar.get_height() / 2
+        if r is winner:  # a star at the end of the bar and the word, not a colour
+            ax_good.plot(bar.get_width(), y, marker="*", markersize=18, color="gold", markeredgecolor="black",
+                         zorder=4, clip_on=False)
+            ax_good.annotate("RECOMMENDED", xy=(bar.get_width(), y), xytext=(12, 0), textcoords="offset points",
+                             va="bottom", fontsize=8, fontweight="bold")
+            ax_good.annotate(text, xy=(bar.get_width(), y), xytext=(12, 0), textcoords="offset points",
+                             va="top", fontsize=7)
+        else:
+            ax_good.text(bar.get_width(), y, text, va="center", fontsize=7)
     ax_good.set_yticks(range(len(done)), names, fontsize=7)
-    ax_good.invert_yaxis()
-    ax_good.set(xlabel="goodput (req/s within SLO)",
-                title="goodput per config (quality beside; green: recommended)")
+    for tick, r in zip(ax_good.get_yticklabels(), done, strict=True):
+        if r is winner:
+            tick.set_fontweight("bold")
+    ax_good.invert_yaxis()  # best on top
+    ax_good.set_xlim(0, top * 2.1)  # room for the numbers written after the bars
+    floor = f"\nhatched: quality below bench.min_quality={min_quality}" if min_quality is not None else ""
+    ax_good.set(xlabel="goodput (req/s answered within the SLO)",
+                title=f"goodput per config, best first (★ recommended){floor}")
     ax_good.grid(True, axis="x", alpha=0.3)
     fig.tight_layout()
     path = out_dir / "comparison.png"
@@ -330,7 +387,7 @@ def aggregate(sweep_dir: str | Path, recommend: bool = False, min_quality: float
     winner = pick_winner(ranked, min_quality)
     written["table"], written["csv"] = write_table(ranked, out_dir, winner, min_quality)
     try:
-        written["plot"] = plot(ranked, out_dir, winner)
+        written["plot"] = plot(ranked, out_dir, winner, min_quality)
     except Exception as exc:  # the table is what matters; a plotting failure is noted, not fatal
         (out_dir / "plot_error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
     if winner is not None:
