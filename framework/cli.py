@@ -123,8 +123,47 @@ def _validate(argv: list[str]) -> int:
                            "hydra.sweep.subdir=.", "hydra/job_logging=none", "hydra/hydra_logging=none"])
 
 
+# The `bench` extra (pyproject.toml): import name -> package. `hydraserve serve` needs none of them.
+BENCH_MODULES = {"matplotlib": "matplotlib", "hdrh": "hdrhistogram", "tqdm": "tqdm", "httpx": "httpx"}
+BENCH_INSTALL = "pip install 'hydraserve[bench]'"
+
+
+def _bench_missing() -> list[str]:
+    """The bench extra's packages that cannot be imported here (found without importing them)."""
+    import importlib.util
+
+    missing = []
+    for module, package in BENCH_MODULES.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(package)
+    return missing
+
+
+def _bench_hint(missing: list[str]) -> str:
+    return (f"hydraserve bench: the load tester needs the bench extra ({', '.join(missing)} not installed); "
+            f"install it with: {BENCH_INSTALL}")
+
+
+def _bench(argv: list[str]) -> int:
+    missing = _bench_missing()
+    if missing:
+        print(_bench_hint(missing), file=sys.stderr)
+        return 2
+    return _hydra_app("bench", "bench", _bench_task, argv)
+
+
 def _bench_task(cfg) -> None:
-    from framework.bench.app import run
+    try:
+        from framework.bench.app import run
+    except ImportError as exc:  # a bench package that find_spec saw but that does not import
+        if (exc.name or "").partition(".")[0] not in BENCH_MODULES:
+            raise
+        print(_bench_hint([BENCH_MODULES[exc.name.partition(".")[0]]]), file=sys.stderr)
+        sys.exit(2)
 
     code = run(cfg)
     if code:
@@ -231,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     if command == "validate":
         return _validate(rest)
     if command == "bench":
-        return _hydra_app("bench", "bench", _bench_task, rest)
+        return _bench(rest)
     if command == "plugins":
         return _plugins(rest)
     if command == "cache":
