@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import os
 import sys
 from collections import defaultdict
@@ -330,6 +331,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slowest {len(chosen)} of {len(requests)} requests:", file=out)
     chars = _bar_chars(out)
     png = Path(args.png) if args.png and chosen else None
+    if png is not None and importlib.util.find_spec("matplotlib") is None:
+        # The picture needs the bench extra; the terminal view below does not.
+        print("--png needs matplotlib: install it with: pip install 'hydraserve[bench]'", file=sys.stderr)
+        return 2
     try:
         for req in chosen:
             print("", file=out)
