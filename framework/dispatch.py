@@ -77,9 +77,21 @@ class Stream:
         self.gap_s = gap_s
         self.deadline = deadline  # time.monotonic() by which the whole stream must end, if the client set one
         self.finished = "end" in first or "err" in first
+        self.released = self.finished  # an empty stream was released by Dispatcher.stream
+
+    def close(self) -> None:
+        """Release the request (once), cancelling its work in the worker if it had not finished. ``rest``
+        does this however it stops; a caller whose consumer may never have started iterating (a
+        response abandoned before its first byte) calls it too, so nothing leaks."""
+        if self.released:
+            return
+        self.released = True
+        if not self.finished:
+            self.dispatcher.cancel(self.rid, self.reply.worker)
+        self.dispatcher._release(self.rid, self.reply.worker)
 
     async def rest(self) -> AsyncIterator[dict]:
-        if self.finished:  # an empty stream: already released
+        if self.released:  # an empty stream, or one already closed
             return
         try:
             while True:
@@ -95,9 +107,7 @@ class Stream:
                 if self.finished:
                     return
         finally:
-            if not self.finished:
-                self.dispatcher.cancel(self.rid, self.reply.worker)
-            self.dispatcher._release(self.rid, self.reply.worker)
+            self.close()
 
 
 class Dispatcher:

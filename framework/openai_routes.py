@@ -88,6 +88,21 @@ def _stream_error_event(err: dict) -> bytes:
     return sse(error_body(err["status"], message))
 
 
+class _ClosingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that calls ``on_close`` when it is done, however it ended: a body generator
+    that never started has no ``finally`` to run, and its request must still be released."""
+
+    def __init__(self, content: Any, on_close: Any, **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._on_close = on_close
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+
+
 async def _disconnected(receive) -> None:
     """Returns when the client closes its connection (its body was read: only a disconnect comes next).
     A plain answer has no stream whose failed write would tell, so this watches for it."""
@@ -239,9 +254,20 @@ class GenerationRoutes:
             return dispatcher_error(stream["err"], gateway.server.retry_after_s)
         rid = new_id("chat" if route == CHAT else "completion")
         if spec.stream:
-            return StreamingResponse(self._events(stream, spec, route, rid, started, span, lookup),
-                                     media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **x_cache})
+            done = {"finished": False}
+
+            def abandoned() -> None:
+                # The body was never (fully) iterated (the client left before the first byte went out):
+                # release the request and end its metrics and span here, as _events would have.
+                stream.close()
+                if not done["finished"]:
+                    done["finished"] = True
+                    self._finished(route, 499, started, span)
+
+            return _ClosingStreamingResponse(
+                self._events(stream, spec, route, rid, started, span, lookup, done), abandoned,
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **x_cache})
         answer = _Answer(started)
         collect = asyncio.ensure_future(self._collect(stream, answer))
         gone = asyncio.ensure_future(_disconnected(request.receive))
@@ -249,8 +275,9 @@ class GenerationRoutes:
             await asyncio.wait((collect, gone), return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
-            if not collect.done():  # the client left first: stop its sequence (Stream.rest cancels it)
+            if not collect.done():  # the client left first: stop its sequence
                 collect.cancel()
+                stream.close()  # the collecting task may not have started: Stream.rest would not run
         if not collect.done() or collect.cancelled():
             raise ClientDisconnect()
         err = collect.result()
@@ -280,7 +307,7 @@ class GenerationRoutes:
             yield msg
 
     async def _events(self, stream: Stream, spec: GenerationSpec, route: str, rid: str, started: float,
-                      span: Any, lookup: CacheRequest | None = None) -> AsyncIterator[bytes]:
+                      span: Any, lookup: CacheRequest | None, done: dict) -> AsyncIterator[bytes]:
         """The SSE body: the answer's pieces as they come, its finish, its usage if asked, ``[DONE]``."""
         chat = route == CHAT
         created, model = self.created, self.served_name
@@ -315,7 +342,9 @@ class GenerationRoutes:
             self._observe(answer, span, rid)
             if span is not None and status != 200:
                 span.attributes = {**span.attributes, "error.type": str(status)}
-            self._finished(route, 200, started, span)
+            if not done["finished"]:
+                done["finished"] = True
+                self._finished(route, 200, started, span)
 
     # --- the response cache: deterministic requests only -------------------------------------------
     def _cache_request(self, request: Request, spec: GenerationSpec, route: str) -> CacheRequest | None:

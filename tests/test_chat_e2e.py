@@ -252,6 +252,29 @@ def test_beyond_the_kv_budget_requests_wait_then_get_503(one_slot):
     assert refused.json()["error"]["type"] == "service_unavailable"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_client_gone_before_its_first_token_leaks_nothing(one_slot, stream):
+    """The client gives up while its request waits for the only KV slot; when the slot frees, its
+    sequence must be dropped, not generated, and its admission place and in-flight count returned."""
+    body = {"messages": MESSAGES, "max_tokens": 16000, "temperature": 0, "ignore_eos": True, "stream": stream}
+    with _long_stream(one_slot) as running:  # holds the only KV slot
+        lines = running.iter_lines()  # kept: a dropped iterator closes the response
+        next(lines)
+        with pytest.raises(httpx.ReadTimeout):  # waits in the queue: no first token within 0.3 s
+            httpx.post(one_slot.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=0.3))
+    # The running stream's client left too: the slot frees, the abandoned request gets it, and is dropped.
+    time.sleep(1.5)
+    first = metric_samples(one_slot)
+    time.sleep(1.0)
+    second = metric_samples(one_slot)
+    assert second["hydraserve_generation_tokens_total"] == first["hydraserve_generation_tokens_total"]
+    assert second["hydraserve_num_requests_running"] == 0 and second["hydraserve_num_requests_waiting"] == 0
+    assert second["hydraserve_requests_in_flight"] == 0
+    # Its place in the queue came back: a new request is served.
+    assert httpx.post(one_slot.url + "/v1/chat/completions", json={**body, "max_tokens": 2, "stream": False},
+                      timeout=60).status_code == 200
+
+
 def test_deadline_before_the_first_token_is_504(one_slot):
     with _long_stream(one_slot) as running:  # holds the only KV slot
         lines = running.iter_lines()  # kept: a dropped iterator closes the response
