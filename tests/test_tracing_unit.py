@@ -186,9 +186,13 @@ def test_file_exporter_writes_inline_without_a_thread(tmp_path):
 def test_network_exporters_keep_a_thread_so_requests_never_wait_on_the_network():
     import threading
 
-    before = threading.active_count()
+    def exporters() -> list[threading.Thread]:
+        # By name, not by count: threads of earlier tests may end (or start) meanwhile.
+        return [t for t in threading.enumerate() if t.name == "hydraserve-span-export" and t.is_alive()]
+
+    before = set(exporters())
     tracing.init_tracing(TracingConfig(exporter="console", flush_interval_ms=60_000), RESOURCE, None)
-    assert threading.active_count() == before + 1
+    assert len(set(exporters()) - before) == 1  # this exporter's own thread
     tracing.start_request("queued", None, {}).end(200)
     tracing._state.recorder._due = 0.0  # overdue, yet the caller's thread must not export
     tracing.flush_if_due()
