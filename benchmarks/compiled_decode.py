@@ -25,20 +25,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.generation_engine import QUESTIONS  # noqa: E402 - the 16 chat prompts of every generation benchmark
 from framework.generation import EngineConfig, GenerationEngine, GenerationRequest  # noqa: E402
 from plugins.model._causal_lm import chat_prompt_ids  # noqa: E402
 from plugins.model._llama_batched import LlamaBatchedForward  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
-QUESTIONS = [
-    "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis in one paragraph.",
-    "Give me three tips for better sleep.", "What is 17 times 23?", "Who wrote Romeo and Juliet?",
-    "Describe a cat to someone who has never seen one.", "What are the primary colors?",
-    "How do airplanes stay in the air?", "Translate 'good morning' into Spanish and French.",
-    "What is machine learning?", "List the planets of the solar system.", "Why is the sky blue?",
-    "Suggest a name for a coffee shop.", "What is the boiling point of water in Fahrenheit?",
-    "Summarize the plot of Cinderella.",
-]
 
 
 def load_model():

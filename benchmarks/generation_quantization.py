@@ -28,16 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.generation_engine import QUESTIONS  # noqa: E402 - the 16 chat prompts of every generation benchmark
+
 RESULTS = ROOT / "benchmarks" / "results"
-QUESTIONS = [
-    "What is the capital of France?", "Write a haiku about the sea.", "Explain photosynthesis in one paragraph.",
-    "Give me three tips for better sleep.", "What is 17 times 23?", "Who wrote Romeo and Juliet?",
-    "Describe a cat to someone who has never seen one.", "What are the primary colors?",
-    "How do airplanes stay in the air?", "Translate 'good morning' into Spanish and French.",
-    "What is machine learning?", "List the planets of the solar system.", "Why is the sky blue?",
-    "Suggest a name for a coffee shop.", "What is the boiling point of water in Fahrenheit?",
-    "Summarize the plot of Cinderella.",
-]
 SCHEMES = ["none", "bf16", "int8_weight_only", "int8_dynamic", "int4_weight_only"]
 LABELS = {"none": "fp32 (none)"}
 
