@@ -175,23 +175,7 @@ class RawConnection:
 
     @staticmethod
     async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
-        try:
-            raw = await reader.readuntil(b"\r\n\r\n")
-        except asyncio.IncompleteReadError as exc:
-            raise ConnectionResetError("server closed the connection") from exc
-        except asyncio.LimitOverrunError as exc:
-            raise HttpProtocolError("response headers larger than 64 KiB") from exc
-        lines = raw.decode("latin-1").split("\r\n")
-        parts = lines[0].split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or not parts[1].isdigit():
-            raise HttpProtocolError(f"bad status line {lines[0]!r}")
-        status = int(parts[1])
-        headers: dict[str, str] = {}
-        for line in lines[1:]:
-            if not line:
-                continue
-            key, _, value = line.partition(":")
-            headers[key.strip().lower()] = value.strip()
+        status, headers = await RawConnection._read_head(reader)
         if "content-length" in headers:
             length = int(headers["content-length"])
             if length > MAX_BODY_BYTES:
