@@ -106,6 +106,14 @@ class LlamaBatchedForward:
             self._decode_graph = torch.compile(self._decode_layer, mode=self.compile_mode, dynamic=False,
                                                fullgraph=True)
 
+    def _qkv(self, attn, h: torch.Tensor, n: int, cos: torch.Tensor, sin: torch.Tensor):
+        """Query, key and value of ``n`` tokens, rotary position applied (the eager and the compiled
+        step share it): [n, heads, hd], [n, kv_heads, hd], [n, kv_heads, hd]."""
+        q = attn.q_proj(h).view(n, self.num_heads, self.head_dim)
+        k = attn.k_proj(h).view(n, self.num_kv_heads, self.head_dim)
+        v = attn.v_proj(h).view(n, self.num_kv_heads, self.head_dim)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
     def kv_cache_bytes(self) -> int:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
@@ -133,12 +141,7 @@ class LlamaBatchedForward:
         new K and V, which the caller writes."""
         b = x.shape[0]
         attn = layer.self_attn
-        h = layer.input_layernorm(x)
-        q = attn.q_proj(h).view(b, self.num_heads, self.head_dim)
-        k = attn.k_proj(h).view(b, self.num_kv_heads, self.head_dim)
-        v = attn.v_proj(h).view(b, self.num_kv_heads, self.head_dim)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k, v = self._qkv(attn, layer.input_layernorm(x), b, cos, sin)
         length = arange.shape[0]
         keys, values = kc[slots, :, :length], vc[slots, :, :length]  # [B, kvh, L, hd]
         qg = q.view(b, self.num_kv_heads, self.groups, self.head_dim)
@@ -230,12 +233,7 @@ class LlamaBatchedForward:
         x = self.embed(token_ids[None, :])  # [1, T, hidden]
         for layer_idx, layer in enumerate(self.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(total, self.num_heads, self.head_dim)
-            k = attn.k_proj(h).view(total, self.num_kv_heads, self.head_dim)
-            v = attn.v_proj(h).view(total, self.num_kv_heads, self.head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            q, k, v = self._qkv(attn, layer.input_layernorm(x), total, cos, sin)
             kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]
             outs = []
             if b:
