@@ -218,6 +218,8 @@ def prepare_model(model: ModelPlugin, quantization: QuantizationPlugin, hardware
     report["warmup_batch_sizes"] = engine.get("warmup_batch_sizes", [])
     report["compile_ms"] = round(float(engine.get("compile_ms", 0.0)), 1)
     report["warmup_ms"] = round(float(engine.get("warmup_ms", 0.0)), 1)
+    # whatever else the hardware reports (its runtime, an export's details) reaches /info as well
+    report.update({k: v for k, v in engine.items() if k not in report})
     report["startup_ms"] = _ms(started)
     log.info("model ready on %s: quantization=%s quality=%s compile=%s start-up %.0f ms", device, scheme,
              report["quality"], report["compile_mode"], report["startup_ms"])

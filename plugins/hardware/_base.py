@@ -8,6 +8,9 @@ over the bucketed shapes before the worker reports ready.
 tensor subclasses (whose eager dispatch is slower than fp32; their compiled kernels are the point of
 quantizing) or reduced-precision casts (bf16 on the CPU: 1.2x eager, 1.8x compiled vs fp32 for MiniLM),
 or when CUDA graphs are asked for. The fp32 reference stays eager: it starts in seconds.
+
+``runtime: onnxruntime`` runs the forward pass in ONNX Runtime instead (``_onnx.py``): the fp32 model is
+exported once into the same persistent cache folder and gated against torch's outputs.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from framework import CheckContext, HardwareInfo, HardwarePlugin, ModelPlugin
+from framework import CheckContext, GenerativeModelPlugin, HardwareInfo, HardwarePlugin, ModelPlugin
+from plugins.hardware import _onnx
 
 log = logging.getLogger("hydraserve.hardware")
 
@@ -45,6 +49,13 @@ class EngineConfig:
     #                            overhead at small batches; compiling each graph takes several times longer)
     compile_cache_dir: str | None = "~/.cache/hydraserve/compile"  # persistent inductor cache; None: torch's
     batch_buckets: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32])  # pad batches up to these
+    runtime: str = "torch"  # torch | onnxruntime (export at start-up, run in ONNX Runtime; see _onnx.py)
+    onnx_opset: int = 17  # ONNX opset of the export (part of the export cache key)
+    onnx_int8: bool = False  # ONNX Runtime dynamic int8 (per-channel weights), gated by onnx_min_quality
+    onnx_int8_exclude: list[str] = field(default_factory=list)  # fnmatch patterns of ONNX node names kept fp32
+    onnx_min_quality: float | None = 0.99  # worst calibration quality (cosine) of ORT vs torch outputs
+    onnx_providers: list[str] | None = None  # None: TensorRT, CUDA (on a GPU, where installed), then CPU
+    onnx_spinning: bool = True  # ORT's intra-op threads spin between ops (its default)
 
     def __post_init__(self) -> None:
         value = str(self.compile).strip()
@@ -74,10 +85,35 @@ class EngineConfig:
         if any(b < 1 for b in buckets) or sorted(set(buckets)) != buckets:
             out.append(("batch_buckets", f"must be strictly increasing positive sizes (e.g. [1, 2, 4, 8]), "
                         f"got {buckets}"))
+        out += self._runtime_problems()
         if self.compile_cache_dir is not None:
             path = Path(self.compile_cache_dir).expanduser()
             if path.exists() and not path.is_dir():
                 out.append(("compile_cache_dir", f"{self.compile_cache_dir} exists and is not a folder"))
+        return out
+
+    def _runtime_problems(self) -> list[tuple[str, str]]:
+        out = []
+        if self.runtime not in _onnx.RUNTIMES:
+            return [("runtime", f"must be one of {', '.join(_onnx.RUNTIMES)}, got '{self.runtime}'")]
+        if self.runtime == "torch":
+            for name in ("onnx_int8", "onnx_int8_exclude", "onnx_providers"):
+                if getattr(self, name):
+                    out.append((name, "only applies with hardware.runtime=onnxruntime; set hardware.runtime="
+                                "onnxruntime or leave it unset"))
+            return out
+        if self.compile not in ("off", "auto"):
+            out.append(("compile", f"torch.compile does not run under hardware.runtime=onnxruntime (ONNX Runtime "
+                        f"optimizes the exported graph itself), got '{self.compile}'; set hardware.compile=auto "
+                        "or off, or hardware.runtime=torch"))
+        for name in ("cuda_graphs", "cpp_wrapper"):
+            if getattr(self, name):
+                out.append((name, f"a torch.compile setting; hardware.runtime=onnxruntime does not use it: set "
+                            f"hardware.{name}=false or hardware.runtime=torch"))
+        if not 14 <= self.onnx_opset <= 21:
+            out.append(("onnx_opset", f"must be between 14 and 21 (what torch.onnx exports), got {self.onnx_opset}"))
+        if self.onnx_min_quality is not None and not 0 < self.onnx_min_quality <= 1:
+            out.append(("onnx_min_quality", f"must be in (0, 1] or null, got {self.onnx_min_quality}"))
         return out
 
 
@@ -132,7 +168,7 @@ class EngineHardware(HardwarePlugin):
     # --- validation --------------------------------------------------------------------------
     def check(self, ctx: CheckContext) -> list[str]:
         info = self.info()
-        found = []
+        found = self._runtime_check(ctx)
         if info.accelerator != "cuda":
             where = f"hardware={self.config_name()} ({info.accelerator})"
             if self.config.cuda_graphs:
@@ -141,6 +177,25 @@ class EngineHardware(HardwarePlugin):
             if self.config.compile == "reduce-overhead":
                 found.append(f"compile: reduce-overhead means CUDA graphs, which {where} cannot use; "
                              "use hardware.compile=default or max-autotune")
+        return found
+
+    def _runtime_check(self, ctx: CheckContext) -> list[str]:
+        if self.config.runtime != "onnxruntime":
+            return []
+        found = []
+        missing = _onnx.missing_packages()
+        if missing:
+            found.append(f"runtime: onnxruntime needs the package(s) {', '.join(missing)}, not installed here; "
+                         "pip install 'hydraserve[onnx]' or set hardware.runtime=torch")
+        q = ctx.quantization
+        if q is not None and not q.is_identity():
+            found.append(f"runtime: hardware.runtime=onnxruntime exports the fp32 model, and quantization="
+                         f"{q.scheme_name} rewrites it into tensors torch.onnx cannot export; use quantization=none "
+                         "(hardware.onnx_int8=true for ONNX Runtime's own int8) or hardware.runtime=torch")
+        if isinstance(ctx.model, GenerativeModelPlugin):
+            found.append("runtime: a generative model runs on the generation engine's torch forward; "
+                         "hardware.runtime=onnxruntime serves one-shot models (embeddings, classifiers); "
+                         "set hardware.runtime=torch")
         return found
 
     def config_name(self) -> str:
@@ -204,13 +259,16 @@ class EngineHardware(HardwarePlugin):
         Returns ``{"compile_mode", "cuda_graphs", "compile_ms", "warmup_ms", "warmup_batch_sizes"}``;
         ``compile_ms`` is the first warm-up pass (torch.compile is lazy: it compiles on first call).
         """
+        if self.config.runtime == "onnxruntime":
+            return self._optimize_onnx(model, device, batch_sizes)
         import torch
 
         mode = self.compile_mode(model.module)
         # Eager kernels take any shape: padding a batch up to a bucket would only add work.
         self._eager = mode is None
         graphs = mode in ("reduce-overhead", "max-autotune")
-        report: dict = {"compile": self.config.compile, "compile_mode": mode or "off", "cuda_graphs": graphs,
+        report: dict = {"runtime": "torch", "compile": self.config.compile, "compile_mode": mode or "off",
+                        "cuda_graphs": graphs,
                         "compile_ms": 0.0, "warmup_ms": 0.0, "warmup_batch_sizes": []}
         if mode is not None and model.module is not None:
             model.module = torch.compile(model.module, mode=mode, dynamic=self.config.compile_dynamic)
@@ -245,4 +303,39 @@ class EngineHardware(HardwarePlugin):
         report["warmup_batch_sizes"] = sizes
         log.info("engine ready: compile=%s, batch sizes %s, compile %.0f ms, warm-up %.0f ms", mode or "off",
                  sizes, report["compile_ms"], report["warmup_ms"])
+        return report
+
+    def _optimize_onnx(self, model: ModelPlugin, device: str, batch_sizes: list[int]) -> dict:
+        """Export + gate (``_onnx.prepare``), then one warm-up pass over the served shapes (ORT plans its
+        memory per shape on first sight)."""
+        self._eager = True  # ORT takes any shape: padding a batch up to a bucket would only add work
+        if model.module is None:
+            raise RuntimeError(f"hardware.runtime=onnxruntime: model {type(model).__name__} has no torch module "
+                               "to export; set hardware.runtime=torch")
+        report: dict = {"runtime": "onnxruntime", "compile": "off", "compile_mode": "off", "cuda_graphs": False,
+                        "compile_ms": 0.0, "warmup_ms": 0.0, "warmup_batch_sizes": []}
+        example = model.example_items(2) or model.example_items(1)
+        if not example:
+            raise RuntimeError("hardware.runtime=onnxruntime needs example items to export with; the model gives "
+                               "none (ModelPlugin.example_items / calibration_items)")
+        start = time.perf_counter()
+        try:
+            report["onnx"] = _onnx.prepare(model, device, self.config, model.preprocess(example))
+        except _onnx.OnnxQualityError:
+            raise
+        except Exception as exc:
+            raise RuntimeError(f"hardware.runtime=onnxruntime: exporting or opening the model failed: "
+                               f"{type(exc).__name__}: {exc}; set hardware.runtime=torch") from exc
+        report["compile_ms"] = round((time.perf_counter() - start) * 1000.0, 1)  # export + session + gate
+        if not self.config.warmup:
+            return report
+        sizes = sorted({max(1, int(b)) for b in batch_sizes}) or [1]
+        start = time.perf_counter()
+        for items in model.warmup_batches(sizes):
+            if items:
+                model.postprocess(model.forward(model.preprocess(items)))
+        report["warmup_ms"] = round((time.perf_counter() - start) * 1000.0, 1)
+        report["warmup_batch_sizes"] = sizes
+        log.info("engine ready: runtime=onnxruntime, export/session/gate %.0f ms, warm-up %.0f ms",
+                 report["compile_ms"], report["warmup_ms"])
         return report
