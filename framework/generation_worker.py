@@ -17,8 +17,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
-
 from framework import metrics, tracing
 from framework.errors import RequestError
 from framework.generation import (
@@ -215,7 +213,7 @@ class GenerationLoop:
 
     def _spans(self, frame: RequestFrame, seq: Any, out: Any) -> bytes:
         """The request's worker spans: its wait for a KV slot, its prefill (to the first token) and its
-        decode (the rest): ``tracing.record_tree`` entries, as one JSON array."""
+        decode (the rest), as OTLP/JSON (``tracing.encode_spans``) for the API process to record."""
         now_mono, now_ns = time.monotonic(), time.time_ns()
         queued = _wall_ns(frame.arrival, now_mono, now_ns)
         admitted = _wall_ns(seq.admitted_at, now_mono, now_ns)
@@ -224,9 +222,9 @@ class GenerationLoop:
         prefill = {**self.labels, "gen_ai.usage.input_tokens": out.prompt_tokens}
         decode = {**self.labels, "gen_ai.usage.output_tokens": out.completion_tokens,
                   "gen_ai.response.finish_reasons": [out.finish_reason]}
-        return orjson.dumps([("queue.wait", queued, admitted, None, -1, None),
-                             ("gen_ai.prefill", admitted, first, prefill, -1, None),
-                             ("gen_ai.decode", first, finished, decode, -1, None)])
+        return tracing.encode_spans([("queue.wait", queued, admitted, None, -1, None),
+                                     ("gen_ai.prefill", admitted, first, prefill, -1, None),
+                                     ("gen_ai.decode", first, finished, decode, -1, None)])
 
     def export(self) -> None:
         """The engine's gauges and token counters into /metrics (a few mmap writes per step)."""
@@ -245,9 +243,7 @@ def serve_generation(engine: GenerationEngine, model: GenerativeModelPlugin, cha
     loop = GenerationLoop(engine, model, channel, labels)
     while True:
         if not engine.has_work():
-            tracing.flush_if_due()
-            due = tracing.seconds_until_flush()
-            loop.take(channel.recv(_IDLE_WAIT_S if due is None else min(_IDLE_WAIT_S, due)))
+            loop.take(channel.recv(_IDLE_WAIT_S))
             if not engine.has_work():
                 loop.export()  # idle: the gauges read zero
             continue
@@ -256,4 +252,3 @@ def serve_generation(engine: GenerationEngine, model: GenerativeModelPlugin, cha
         loop.expire(time.monotonic())
         if engine.has_work():
             loop.step()
-        tracing.flush_if_due()

@@ -59,7 +59,6 @@ class Gateway:
         self.cache = resolved.cache
         self.dispatcher = Dispatcher(factory, admitted, resolved.server, resolved.batching.max_request_items())
         self.scope = ""
-        self._span_flusher: asyncio.Task | None = None
         self.tracing_on = False
         self.generation = None  # the OpenAI generation routes, for a generative model
         if self.model.task == "chat":
@@ -79,8 +78,6 @@ class Gateway:
         self._span_start = {route: (f"POST {route}", {"http.request.method": "POST", "http.route": route,
                                                       "url.path": route, "server.port": self.server.port})
                             for route in ROUTES}
-        if self.tracing_on:
-            self._span_flusher = asyncio.get_running_loop().create_task(self._flush_spans_periodically())
         self.cache_on = self.cache.enabled
         self.cache_blocks = self.cache.lookup_may_block
         self.streams = self.model.streaming()
@@ -90,18 +87,7 @@ class Gateway:
         await self.dispatcher.start(consumer_id)
         tune_gc(self.server.gc_freeze, self.server.gc_thresholds)  # start-up is done in this process
 
-    @staticmethod
-    async def _flush_spans_periodically() -> None:
-        # The file exporter writes from the thread that records spans (no thread of its own): under
-        # light traffic this timer on the event loop writes the spans a full chunk would have.
-        interval = tracing.flush_interval_s() or 0.5
-        while True:
-            await asyncio.sleep(interval / 2)
-            tracing.flush_if_due()
-
     async def stop(self) -> None:
-        if self._span_flusher is not None:
-            self._span_flusher.cancel()
         await self.dispatcher.stop()
         if self.cache_on:
             self.cache.close()

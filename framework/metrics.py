@@ -52,6 +52,7 @@ __all__ = [
     "request_started",
     "set_queue_depth",
     "slow_client",
+    "spans_dropped",
 ]
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -116,6 +117,9 @@ class _Metrics:
             "hydraserve_slow_clients", "Connections cut for a client's slowness (headers, body: "
             "server.header_timeout_s, server.body_timeout_s) or refused over server.max_connections.",
             ["reason"], registry=reg)
+        self.spans_dropped = Counter(
+            "hydraserve_spans_dropped", "Spans not exported: the collector down, slow or refusing, or the "
+            "queue full (tracing.max_queue_size).", registry=reg)
         # Generation (vLLM's names with our prefix): what a person waiting for a reply sees.
         self.ttft = Histogram(
             "hydraserve_time_to_first_token_seconds", "Time from request received to its first token sent.",
@@ -160,6 +164,7 @@ class _Metrics:
         for r in SLOW_CLIENT_REASONS:
             self.slow_children[r].inc(0)
         self.client_disconnects.inc(0)
+        self.spans_dropped.inc(0)
         if multi:
             _register_exit_hook()
 
@@ -386,6 +391,11 @@ def slow_client(reason: str) -> None:
     """A connection cut for slowness (``headers``, ``body``) or refused (``connections``)."""
     m = _m or _metrics()
     _count(m.slow_children, m.slow_clients, reason)
+
+
+def spans_dropped(n: int) -> None:
+    """``n`` spans that tracing could not export (it drops rather than makes a request wait)."""
+    (_m or _metrics()).spans_dropped.inc(n)
 
 
 # ----------------------------------------------------------------------------------------- exposition

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 TRANSPORTS = ("fast", "litserve")
 EXPORTERS = ("none", "console", "file", "otlp")
-OTLP_PROTOCOLS = ("http/protobuf", "grpc")
+OTLP_PROTOCOLS = ("http/json", "http/protobuf", "grpc")
 
 
 @dataclass
@@ -69,7 +69,7 @@ class TracingConfig:
     exporter: str = "none"
     path: str = "traces.jsonl"  # file exporter: relative paths are under the run's output folder
     endpoint: str = "http://127.0.0.1:4318/v1/traces"
-    protocol: str = "http/protobuf"
+    protocol: str = "http/json"  # OTLP/HTTP with the bytes the file holds; http/protobuf converts them
     # OTLP request headers. null in conf/tracing/otlp.yaml, not {}: Hydra refuses new keys in an existing
     # dict (`tracing.headers={authorization: ...}` would be "not in struct"), but replaces a null.
     headers: dict[str, str] | None = None
@@ -95,7 +95,7 @@ class TracingConfig:
             out.append((
                 "endpoint",
                 f"gRPC takes host:port without a path (e.g. http://127.0.0.1:4317), got "
-                f"'{self.endpoint}'; or set tracing.protocol=http/protobuf",
+                f"'{self.endpoint}'; or set tracing.protocol=http/json",
             ))
         if self.exporter == "file" and not self.path:
             out.append(("path", "must name a file, e.g. traces.jsonl (relative to the run's output folder)"))

@@ -1,9 +1,10 @@
 """``hydraserve traces``: where did the time of a request go? A waterfall from the file exporter's spans.
 
-Reads the JSON lines written by ``tracing=file`` (chunks of spans from every process of the
-server), picks the slowest requests (root SERVER spans: no parent in the file, or a remote parent
-such as a client's ``traceparent``) and prints each as a waterfall: one line per span, indented by
-depth, with its offset from the request's start, its duration and a bar on a shared time axis.
+Reads the OTLP/JSON lines written by ``tracing=file`` (one ``TracesData`` a line, chunks of spans
+from every process of the server), picks the slowest requests (root SERVER spans: no parent in the
+file, or a remote parent such as a client's ``traceparent``) and prints each as a waterfall: one
+line per span, indented by depth, with its offset from the request's start, its duration and a bar
+on a shared time axis.
 Spans of another trace that link to a span shown are listed under it, marked ``~``.
 
     hydraserve traces outputs/                    # newest traces.jsonl below the folder, 5 slowest
@@ -25,8 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-
-from framework.tracing.records import SpanRecord, expand_tree, record_dict
 
 SHOWN_ATTRIBUTES = ("http.response.status_code", "batch.size", "cache.result", "error.type")
 
@@ -76,34 +75,64 @@ def resolve_file(path: str | Path) -> Path:
     return p
 
 
-def spans_of_line(line: bytes) -> list[dict[str, Any]]:
-    """The spans of one line of a ``tracing=file`` output, each a dict with its ``resource``.
+_KINDS = {1: "INTERNAL", 2: "SERVER", 3: "CLIENT", 4: "PRODUCER", 5: "CONSUMER"}
+_STATUS = {0: "UNSET", 1: "OK", 2: "ERROR"}
 
-    A line is a chunk of one process's spans: ``{"resource": {...}, "rows": [...], "trees": [...],
-    "spans": [...]}`` (rows and trees are positional arrays, expanded here; see
-    ``framework/tracing/export.py``). A line that is a single span object is read too. A torn or
-    foreign line, or a malformed entry, gives no spans.
-    """
+
+def _value(v: dict) -> Any:
+    """An OTLP/JSON ``AnyValue`` as a Python value (64-bit integers arrive as strings)."""
+    if "intValue" in v:
+        return int(v["intValue"])
+    if "arrayValue" in v:
+        return [_value(x) for x in v["arrayValue"].get("values") or ()]
+    if "kvlistValue" in v:
+        return attributes_of(v["kvlistValue"].get("values"))
+    return next(iter(v.values()), None)  # stringValue, boolValue, doubleValue, bytesValue
+
+
+def attributes_of(kvs: list | None) -> dict[str, Any]:
+    return {kv["key"]: _value(kv.get("value") or {}) for kv in kvs or ()}
+
+
+def span_of(s: dict, resource: dict, scope: str) -> dict[str, Any]:
+    """One OTLP/JSON span as the flat dict the viewer (and ``tests/otlp_receiver.py``) works with."""
+    status = s.get("status") or {}
+    return {
+        "trace_id": s["traceId"], "span_id": s["spanId"], "parent_span_id": s.get("parentSpanId") or None,
+        "trace_state": s.get("traceState"),
+        "name": s.get("name", "?"), "kind": _KINDS.get(s.get("kind"), str(s.get("kind"))),
+        "start_ns": int(s["startTimeUnixNano"]), "end_ns": int(s["endTimeUnixNano"]),
+        "attributes": attributes_of(s.get("attributes")),
+        "status": {"code": _STATUS.get(status.get("code", 0), "UNSET"), "description": status.get("message") or None},
+        "events": [{"name": e.get("name"), "time_ns": int(e.get("timeUnixNano", 0)),
+                    "attributes": attributes_of(e.get("attributes"))} for e in s.get("events") or ()],
+        "links": [{"trace_id": ln["traceId"], "span_id": ln["spanId"],
+                   "attributes": attributes_of(ln.get("attributes"))} for ln in s.get("links") or ()],
+        "resource": resource, "scope": scope,
+    }
+
+
+def spans_of_traces_data(data: dict) -> list[dict[str, Any]]:
+    """The spans of an OTLP/JSON ``TracesData`` (a line of ``traces.jsonl``, or an OTLP/HTTP body)."""
+    out = []
+    for rs in data.get("resourceSpans") or ():
+        resource = attributes_of((rs.get("resource") or {}).get("attributes"))
+        for ss in rs.get("scopeSpans") or ():
+            scope = (ss.get("scope") or {}).get("name", "")
+            for s in ss.get("spans") or ():
+                with contextlib.suppress(KeyError, TypeError, ValueError):  # a malformed span is skipped
+                    out.append(span_of(s, resource, scope))
+    return out
+
+
+def spans_of_line(line: bytes) -> list[dict[str, Any]]:
+    """The spans of one line of a ``tracing=file`` output (one OTLP/JSON ``TracesData``, as the
+    OpenTelemetry Collector's file exporter writes); a torn or foreign line gives none."""
     try:
         obj = orjson.loads(line)
     except orjson.JSONDecodeError:
         return []
-    if not isinstance(obj, dict):
-        return []
-    if not any(isinstance(obj.get(k), list) for k in ("rows", "trees", "spans")):
-        chunk = [obj]
-    else:
-        chunk = [s for s in obj.get("spans") or () if isinstance(s, dict)]
-        for row in obj.get("rows") or ():
-            with contextlib.suppress(TypeError, ValueError):
-                chunk.append(record_dict(SpanRecord(*row)))
-        for tree in obj.get("trees") or ():
-            with contextlib.suppress(TypeError, ValueError):
-                chunk += [record_dict(r) for r in expand_tree(*tree)]
-        resource = obj.get("resource") or {}
-        for s in chunk:
-            s["resource"] = resource
-    return [s for s in chunk if {"trace_id", "span_id", "start_ns", "end_ns"} <= s.keys()]
+    return spans_of_traces_data(obj) if isinstance(obj, dict) else []
 
 
 def load_spans(path: str | Path) -> list[dict[str, Any]]:
@@ -239,44 +268,65 @@ def format_summary(requests: list[Request], total_spans: int, n_traces: int, sou
     return f"{source}: {total_spans} spans, {n_traces} traces, {len(requests)} requests"
 
 
+def _failed(span: dict[str, Any]) -> bool:
+    return (span.get("status") or {}).get("code") == "ERROR"
+
+
 def plot_png(requests: list[Request], path: str | Path) -> Path:
-    """Draw the waterfalls of ``requests`` (one panel each) into a PNG with matplotlib's Agg backend."""
+    """Draw the waterfalls of ``requests`` (one panel each) into a PNG with matplotlib's Agg backend:
+    span names indented by depth as in the terminal view, bars coloured by depth, failed spans red
+    and hatched with their error, spans linked from another trace grey, and a legend saying so."""
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    heights = [max(len(r.rows), 1) * 0.32 + 0.9 for r in requests]
-    fig, axes = plt.subplots(
-        len(requests), 1, figsize=(11, max(sum(heights), 2.0)), squeeze=False,
-        gridspec_kw={"height_ratios": heights},
-    )
+    heights = [max(len(r.rows), 1) * 0.3 + 0.3 for r in requests]  # inches of bars per panel
+    gap = 0.75  # inches between panels: the x axis' label and the next panel's title
+    total = sum(heights) + gap * len(requests) + 0.3  # and the legend on top
+    fig, axes = plt.subplots(len(requests), 2, figsize=(13, total), squeeze=False, gridspec_kw={
+        "height_ratios": heights, "width_ratios": [1, 4], "wspace": 0.01,
+        "hspace": gap / (sum(heights) / len(requests))})
+    fig.subplots_adjust(left=0.01, right=0.98, top=1 - 0.6 / total, bottom=0.5 / total)
     colors = plt.get_cmap("tab10").colors
-    for ax, req in zip(axes[:, 0], requests, strict=True):
+    depths = set()
+    for (names, ax), req in zip(axes, requests, strict=True):
         t0 = req.start_ns
         total_ms = max(req.end_ns - t0, 1) / 1e6
         ys = list(range(len(req.rows)))
-        starts = [(r.span["start_ns"] - t0) / 1e6 for r in req.rows]
-        durs = [max(_duration(r.span) / 1e6, total_ms * 0.002) for r in req.rows]  # a sliver stays visible
-        cols = [
-            "tab:red" if (r.span.get("status") or {}).get("code") == "ERROR"
-            else "tab:gray" if r.linked
-            else colors[r.depth % len(colors)]
-            for r in req.rows
-        ]
-        ax.barh(ys, durs, left=starts, color=cols, height=0.7, alpha=0.9)
-        for y, start, dur, row in zip(ys, starts, durs, req.rows, strict=True):
-            ax.text(start + dur + total_ms * 0.005, y, f"{_duration(row.span) / 1e6:.3f} ms",
-                    va="center", fontsize=7)
-        ax.set_yticks(ys)
-        ax.set_yticklabels([_label(r) for r in req.rows], fontsize=8, family="monospace")
-        ax.invert_yaxis()
-        ax.set_xlim(0, total_ms * 1.15)
+        for y, row in zip(ys, req.rows, strict=True):
+            s = row.span
+            start, dur = (s["start_ns"] - t0) / 1e6, _duration(s) / 1e6
+            shown = max(dur, total_ms * 0.002)  # a sliver stays visible
+            failed = _failed(s)
+            depths.add(row.depth)
+            color = "tab:red" if failed else "tab:gray" if row.linked else colors[row.depth % len(colors)]
+            ax.barh(y, shown, left=start, color=color, height=0.7, alpha=0.9, hatch="//" if failed else None,
+                    edgecolor="black" if failed else color)
+            note = f"{dur:.3f} ms" + ("  ERROR" + (f": {s['status']['description']}" if s["status"].get(
+                "description") else "") if failed else "")
+            ax.text(start + shown + total_ms * 0.005, y, note, va="center", fontsize=7,
+                    color="tab:red" if failed else "black")
+            # The name column: indented by depth, with the tree's connector, as in the terminal view.
+            label = ("└ " if row.depth else "") + ("~ " if row.linked else "") + str(s.get("name", "?"))
+            names.text(0.02 + 0.05 * row.depth, y, label, va="center", ha="left", fontsize=8, family="monospace",
+                       color="tab:red" if failed else "black", fontweight="bold" if row.depth == 0 else "normal")
+        for a in (names, ax):
+            a.set_ylim(len(ys) - 0.5, -0.5)  # the first span on top, both columns row by row
+            a.set_yticks([])
+        names.set_xlim(0, 1)
+        names.axis("off")
+        ax.set_xlim(0, total_ms * 1.2)
         ax.set_xlabel("ms since request start", fontsize=8)
         title = f"{req.root.get('name', '?')}  trace {req.trace_id[:16]}…  {req.duration_ns / 1e6:.3f} ms"
         ax.set_title(title, fontsize=9, loc="left")
         ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
+    legend = [Patch(color=colors[d % len(colors)], label="the request (depth 0)" if d == 0 else f"depth {d}")
+              for d in sorted(depths)]
+    legend += [Patch(facecolor="tab:red", edgecolor="black", hatch="//", label="ERROR status"),
+               Patch(color="tab:gray", label="~ linked from another trace")]
+    fig.legend(handles=legend, loc="upper center", ncol=len(legend), fontsize=8, frameon=False)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

@@ -20,7 +20,7 @@ from framework import metrics, tracing
 from framework.engine import pad_items
 from framework.errors import RequestError
 from framework.plugin import BatchingPlugin, HardwarePlugin, ModelPlugin
-from framework.tracing.records import exception_attributes
+from framework.tracing.otlp import exception_attributes
 from framework.transport.base import WorkerChannel
 from framework.transport.protocol import (
     ProtocolError,
@@ -169,11 +169,11 @@ class BatchRunner:
 
     def _spans(self, size: int, requests: int, phases: dict | None, start_ns: int,
                failure: dict | None = None) -> bytes:
-        """The batch's spans, ``tracing.record_tree`` entries as one JSON array, for answers to carry.
+        """The batch's spans, OTLP/JSON (``tracing.encode_spans``), for the answers to carry.
 
         The worker records no spans itself: the API process that holds each request's SERVER span
         records these under it when the answer arrives, without parsing them (see ``with_spans``).
-        So tracing costs the worker one small ``orjson.dumps`` per batch and a few hundred bytes per
+        So tracing costs the worker one ``encode_spans`` per batch and a few hundred bytes per
         answer: the worker is what a real model keeps busy. The API process pays for one more queued
         record per sampled request (benchmarks/instructions.py: about 6K instructions).
         Per-request child spans (not span links): each request's trace shows the batch it rode in,
@@ -188,14 +188,14 @@ class BatchRunner:
             spans += (("preprocess", p0, p1, None, 0, None),
                       ("model.forward", f0, f1, self._forward_attributes(size), 0, None),
                       ("postprocess", q0, q1, None, 0, None))
-        return orjson.dumps(spans)
+        return tracing.encode_spans(spans)
 
     def _forward_attributes(self, size: int) -> orjson.Fragment:
         """``model.forward``'s attributes (model, quantization, device, batch size) as ready JSON: they
         only change with the batch size, so each size is serialized once per worker."""
         cached = self._forward_json.get(size)
         if cached is None:
-            cached = self._forward_json[size] = orjson.Fragment(orjson.dumps({**self.labels, "batch.size": size}))
+            cached = self._forward_json[size] = tracing.attributes_json({**self.labels, "batch.size": size})
         return cached
 
 
@@ -222,11 +222,7 @@ def serve_forever(model: ModelPlugin, batching: BatchingPlugin, hardware: Hardwa
 
     while True:
         if not pending:
-            # Idle: the moment to write out queued spans (the file exporter has no thread), and no
-            # longer a wait than they may be kept.
-            tracing.flush_if_due()
-            due = tracing.seconds_until_flush()
-            admit(channel.recv(_IDLE_WAIT_S if due is None else min(_IDLE_WAIT_S, due)))
+            admit(channel.recv(_IDLE_WAIT_S))
             continue
         now = time.monotonic()
         # Expired work is never computed: its client already got a 504.
@@ -260,6 +256,5 @@ def serve_forever(model: ModelPlugin, batching: BatchingPlugin, hardware: Hardwa
             metrics.set_queue_depth(shown_depth := pending_items)
         seconds = runner.run_streams(batch) if streaming else runner.run(batch)
         batching.record(taken, seconds)
-        tracing.flush_if_due()  # a worker that is never idle still writes its spans on time
         # Whatever arrived while the batch ran joins the queue before the next decision.
         admit(channel.recv(0))

@@ -1,8 +1,9 @@
 """A tiny OTLP receiver for tests and benchmarks: collects exported spans in memory.
 
-``OtlpHttpReceiver`` listens on 127.0.0.1 (random port) for OTLP/HTTP protobuf on ``/v1/traces``;
-``OtlpGrpcReceiver`` serves the OTLP gRPC TraceService. Both decode ``ExportTraceServiceRequest``
-into plain dicts shaped like the file exporter's lines (hex ids, ``kind`` names, attribute dicts)::
+``OtlpHttpReceiver`` listens on 127.0.0.1 (random port) for OTLP/HTTP on ``/v1/traces``, protobuf
+or JSON (``Content-Type: application/json``: parsed as strictly as a collector does, unknown
+fields refused with 400); ``OtlpGrpcReceiver`` serves the OTLP gRPC TraceService. Both turn spans
+into the flat dicts ``hydraserve traces`` reads (hex ids, ``kind`` names, attribute dicts)::
 
     with OtlpHttpReceiver() as rx:
         init_tracing(TracingConfig(exporter="otlp", endpoint=rx.endpoint), {}, None)
@@ -19,6 +20,7 @@ import zlib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+import orjson
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
@@ -86,6 +88,19 @@ class _Collector:
             self.spans.extend(spans)
             self._cond.notify_all()
 
+    def _add_json(self, body: bytes, headers: dict[str, str]) -> None:
+        from google.protobuf import json_format
+
+        from framework.traces_view import spans_of_traces_data
+
+        json_format.Parse(body, ExportTraceServiceRequest(), ignore_unknown_fields=False)  # raises: a 400
+        spans = spans_of_traces_data(orjson.loads(body))
+        with self._cond:
+            self.requests += 1
+            self.headers.append(headers)
+            self.spans.extend(spans)
+            self._cond.notify_all()
+
     def wait_for(self, n: int, timeout: float = 10.0) -> list[dict[str, Any]]:
         """Block until at least ``n`` spans arrived (or ``timeout``); returns all spans so far."""
         deadline = time.monotonic() + timeout
@@ -126,17 +141,22 @@ class OtlpHttpReceiver(_Collector):
                 if self.path != path:
                     self._reply(404, b"")
                     return
+                is_json = (self.headers.get("Content-Type") or "").startswith("application/json")
                 if keep_raw:
-                    collector.raw_bodies.append(body)
+                    collector.raw_bodies.append((is_json, body))
                     self._reply(200, b"")
                     return
-                request = ExportTraceServiceRequest()
+                headers = {k.lower(): v for k, v in self.headers.items()}
                 try:
-                    request.ParseFromString(body)
+                    if is_json:
+                        collector._add_json(body, headers)
+                    else:
+                        request = ExportTraceServiceRequest()
+                        request.ParseFromString(body)
+                        collector._add(request, headers)
                 except Exception:
                     self._reply(400, b"")
                     return
-                collector._add(request, {k.lower(): v for k, v in self.headers.items()})
                 self._reply(200, ExportTraceServiceResponse().SerializeToString())
 
             def _reply(self, code: int, body: bytes) -> None:
@@ -195,9 +215,15 @@ class OtlpGrpcReceiver(_Collector):
         self._server.stop(grace=None)
 
 
-def count_spans(bodies: list[bytes]) -> int:
+def count_spans(bodies: list[tuple[bool, bytes]]) -> int:
+    """Spans in ``(is_json, body)`` pairs as ``keep_raw`` stores them."""
+    from framework.traces_view import spans_of_traces_data
+
     total = 0
-    for body in bodies:
+    for is_json, body in bodies:
+        if is_json:
+            total += len(spans_of_traces_data(orjson.loads(body)))
+            continue
         request = ExportTraceServiceRequest()
         request.ParseFromString(body)
         total += sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)

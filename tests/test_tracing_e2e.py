@@ -64,6 +64,25 @@ def test_client_trace_continues_across_processes(traced):
     assert server["resource"]["hydraserve.model"] == "tiny"
 
 
+def test_every_line_of_a_real_servers_file_is_otlp_json_any_opentelemetry_tool_reads(traced):
+    from google.protobuf import json_format
+    from opentelemetry.proto.trace.v1.trace_pb2 import TracesData
+
+    trace_id = "44444444444444444444444444444444"
+    r = httpx.post(traced.url + "/predict", json={"input": [0.5] * 8},
+                   headers={"traceparent": f"00-{trace_id}-4444444444444444-01", "tracestate": "vendor=%41"})
+    assert r.status_code == 200
+    assert len(_read_spans(traced.output_dir, trace_id, want=7)) >= 7
+    lines = [line for path in Path(traced.output_dir).rglob("traces.jsonl") for line in path.read_bytes().splitlines()]
+    spans = 0
+    for line in lines:  # what the Collector's otlpjsonfile receiver does with each line
+        data = json_format.Parse(line, TracesData(), ignore_unknown_fields=False)
+        spans += sum(len(ss.spans) for rs in data.resource_spans for ss in rs.scope_spans)
+    assert spans >= 7
+    worker = {s["name"]: s for s in _read_spans(traced.output_dir, trace_id, want=7)}
+    assert worker["model.forward"]["trace_state"] == "vendor=%41"  # the client's tracestate, on every span
+
+
 def test_failing_model_call_marks_spans_as_errors(traced):
     trace_id = "11111111111111111111111111111111"
     r = httpx.post(traced.url + "/predict", json={"input": [-1.0] * 8},

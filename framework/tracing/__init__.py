@@ -1,34 +1,26 @@
 """OpenTelemetry tracing for one process, and trace context across the process boundary.
 
-Why not the SDK's tracer on the request path: on this project's 2-core machine a request span
-through ``start_as_current_span`` cost about 80 µs (sampler, context attach, attribute validation,
-a lock per span), and the worker's five spans another 60 µs. With the ``echo`` model that halved
-the throughput at saturation (``benchmarks/tracing.py``). The framework's own spans are therefore
-recorded as plain tuples (shaped as :class:`~framework.tracing.records.SpanRecord`) with W3C-compatible ids
-and sampling, queued without a lock, and turned into JSON lines or SDK spans later: by whichever
-call fills a chunk (the file exporter has no thread), or by one exporting thread (OTLP, console).
-The inference worker records nothing on the request path: its timings travel back in each sampled
-request's answer, and the API process records them under the request's span. What reaches the
-file or the collector is the same OpenTelemetry data: trace and span ids, parent links, kinds,
-attributes, status, exception events, and a resource.
+One record shape and one path: a span is an OTLP/JSON ``Span`` dict from the moment it ends
+(``otlp.py``), queued as it is, and exported in chunks as OTLP/JSON ``TracesData`` bytes: a line
+of ``traces.jsonl``, or the body of an OTLP/HTTP POST (``export.py``). The worker's spans of a
+request arrive with its answer already encoded, and are queued as bytes (:func:`record_tree`).
+The exporter's own thread keeps the time: nothing else has to ask for a flush.
 
-The SDK stays available for code that wants its own spans: :func:`tracer` returns an SDK tracer
-whose spans go through the same queue and exporter, and :func:`context_of` turns a request's
-:class:`SpanRef` into an OpenTelemetry ``Context`` to parent them.
+Why not the SDK's tracer on the request path: on this project's 2-core machine a span through
+``start_as_current_span`` cost about 80 µs (sampler, context attach, attribute validation, a
+lock), and the SDK's OTLP exporter another ~300 µs of CPU per request in ReadableSpan objects and
+protobuf encoding (0.24x the untraced throughput on ``echo``; ``benchmarks/tracing.py``). The SDK
+stays available for code that wants its own spans: :func:`tracer` returns an SDK tracer whose
+spans join the same queue, and :func:`context_of` parents them under a request.
 
-Each process sets itself up after it starts (:func:`init_tracing` in every API process after fork
-and in every inference worker after spawn). State inherited across ``fork`` is never reused (its
-file descriptor and thread belong to the parent); a fork hook drops it in the child.
+Each process sets itself up after it starts (:func:`init_tracing` in every API process after
+fork and in every inference worker after spawn); state inherited across ``fork`` is dropped.
 
 The request path::
 
-    span = tracing.start_request("POST /predict", request.headers, {"http.route": "/predict"})
-    # spans whose times are already measured, as one tree record (the worker's timings, sent back
-    # with its answer, under the request's span)
-    tracing.record_tree(span.ref, [("batch", start_ns, end_ns, {"batch.size": 8}, -1, None),
-                                   ("model.forward", t0, t1, None, 0, None)])
-    # or one span at a time, each returning the ref its children nest under
-    lookup = tracing.record("cache.lookup", tracing.current(), start_ns, end_ns)
+    span = tracing.start_request("POST /predict", request.scope["headers"], {"http.route": "/predict"})
+    lookup = tracing.record("cache.lookup", tracing.current(), start_ns, end_ns, {"cache.result": "miss"})
+    tracing.record_tree(span, worker_spans)  # tracing.encode_spans([...]) in the worker
     response.raw_headers.append((b"traceparent", span.header))  # the client learns its trace id
     span.end(200)
 """
@@ -41,7 +33,6 @@ import logging
 import multiprocessing.util
 import os
 import random
-import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -51,11 +42,6 @@ from typing import Any
 import orjson
 from opentelemetry import trace
 from opentelemetry.context import Context
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter
-from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
 from framework.tracing.context import (
     ZERO_SPAN_ID,
@@ -67,30 +53,31 @@ from framework.tracing.context import (
     parse_traceparent,
     ratio_sampled,
 )
-from framework.tracing.export import JsonLinesSpanExporter, Recorder, RecorderProcessor, SdkSink
-from framework.tracing.records import NO_EVENTS, error_fields
+from framework.tracing.export import (
+    Exporter,
+    FileSink,
+    GrpcSink,
+    HttpSink,
+    JsonLinesSpanExporter,
+    StreamSink,
+    resource_json,
+)
+from framework.tracing.otlp import (
+    KIND,
+    attributes,
+    attributes_json,
+    child_span,
+    encode_spans,
+    exception_attributes,
+    fill,
+    sdk_span,
+    span_json,
+)
 
 __all__ = [
-    "JsonLinesSpanExporter",
-    "RequestSpan",
-    "SpanRef",
-    "carrier",
-    "context_of",
-    "current",
-    "enabled",
-    "extract_context",
-    "flush_if_due",
-    "flush_interval_s",
-    "force_flush",
-    "init_tracing",
-    "parse_traceparent",
-    "record",
-    "record_tree",
-    "resolve_path",
-    "sampled_current",
-    "seconds_until_flush",
-    "shutdown",
-    "start_request",
+    "JsonLinesSpanExporter", "RequestSpan", "SpanRef", "attributes_json", "carrier", "child_span", "context_of",
+    "current", "enabled", "encode_spans", "exception_attributes", "extract_context", "force_flush", "init_tracing",
+    "parse_traceparent", "record", "record_tree", "resolve_path", "sampled_current", "shutdown", "start_request",
     "tracer",
 ]
 
@@ -106,21 +93,17 @@ _new_object = object.__new__
 class _State:
     """Everything one process needs to trace; ``None`` when tracing is off here."""
 
-    def __init__(self, recorder: Recorder, ratio: float, provider: TracerProvider, key: tuple) -> None:
-        self.recorder = recorder
-        # The request path appends to the recorder's queues itself (see RequestSpan.end).
-        self.rows = recorder.rows
-        self.trees = recorder.trees
-        self.chunk = recorder.chunk
-        self.chunk_ready = recorder.chunk_ready
-        # The file takes spans that arrive as JSON as they are; the SDK exporters parse them.
-        self.embeds_json = isinstance(recorder.sink, JsonLinesSpanExporter)
+    def __init__(self, exporter: Exporter, ratio: float, key: tuple, resource: dict) -> None:
+        self.exporter = exporter
+        self.queue = exporter.queue  # the request path appends here itself (see RequestSpan.end)
+        self.chunk = exporter.chunk
+        self.full = exporter.full
         self.ratio = ratio
         self.sample_all = ratio >= 1.0
-        self.provider = provider
-        self.tracer = provider.get_tracer(TRACER_NAME)
-        self.pid = os.getpid()
         self.key = key
+        self.resource = resource
+        self.pid = os.getpid()
+        self.tracer: trace.Tracer | None = None  # built on first use of tracer()
 
 
 _lock = threading.Lock()
@@ -133,77 +116,54 @@ _current: contextvars.ContextVar[SpanRef | None] = contextvars.ContextVar("hydra
 
 
 def _get(cfg: Any, name: str, default: Any = None) -> Any:
-    return getattr(cfg, name, default) if not isinstance(cfg, Mapping) else cfg.get(name, default)
+    return cfg.get(name, default) if isinstance(cfg, Mapping) else getattr(cfg, name, default)
 
 
 def resolve_path(path: str, output_dir: str | os.PathLike | None) -> Path:
     """The file exporter's path: relative paths are under ``output_dir`` (the run's output folder)."""
     p = Path(os.path.expanduser(path))
-    if not p.is_absolute() and output_dir is not None:
-        p = Path(output_dir) / p
-    return p
+    return Path(output_dir) / p if not p.is_absolute() and output_dir is not None else p
 
 
-def _otlp_exporter(cfg: Any) -> SpanExporter:
-    endpoint = _get(cfg, "endpoint")
-    headers = {str(k): str(v) for k, v in dict(_get(cfg, "headers", None) or {}).items()}
-    timeout = float(_get(cfg, "timeout_s", 10.0))
-    protocol = _get(cfg, "protocol", "http/protobuf")
-    # Imported here: the exporters pull in requests / grpc, which a server without OTLP never needs.
-    if protocol == "grpc":
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as Grpc
-
-        return Grpc(endpoint=endpoint, insecure=str(endpoint).startswith("http://"), headers=headers or None,
-                    timeout=timeout)
-    if protocol == "http/protobuf":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as Http
-
-        return Http(endpoint=endpoint, headers=headers or None, timeout=timeout)
-    raise ValueError(f"tracing.protocol: must be 'http/protobuf' or 'grpc', got '{protocol}'")
-
-
-def _make_sink(cfg: Any, output_dir: Any, resource: Resource) -> JsonLinesSpanExporter | SdkSink:
+def _make_sink(cfg: Any, output_dir: Any) -> Any:
     exporter = _get(cfg, "exporter", "none")
     if exporter == "file":
-        return JsonLinesSpanExporter(resolve_path(_get(cfg, "path", "traces.jsonl"), output_dir), resource)
-    scope = InstrumentationScope(TRACER_NAME)
+        return FileSink(resolve_path(_get(cfg, "path", "traces.jsonl"), output_dir))
     if exporter == "console":
-        # out= explicitly: the SDK's default is the sys.stdout of import time, not of now.
-        return SdkSink(ConsoleSpanExporter(service_name=_get(cfg, "service_name", TRACER_NAME), out=sys.stdout),
-                       resource, scope)
-    if exporter == "otlp":
-        return SdkSink(_otlp_exporter(cfg), resource, scope)
-    raise ValueError(f"tracing.exporter: must be one of none, console, file, otlp, got '{exporter}'")
+        return StreamSink()
+    if exporter != "otlp":
+        raise ValueError(f"tracing.exporter: must be one of none, console, file, otlp, got '{exporter}'")
+    endpoint, timeout = str(_get(cfg, "endpoint")), float(_get(cfg, "timeout_s", 10.0))
+    headers = {str(k): str(v) for k, v in dict(_get(cfg, "headers", None) or {}).items()}
+    protocol = _get(cfg, "protocol", "http/json")
+    if protocol == "grpc":
+        return GrpcSink(endpoint, headers, timeout)
+    if protocol in ("http/json", "http/protobuf"):
+        return HttpSink(endpoint, headers, timeout, protobuf=protocol == "http/protobuf")
+    raise ValueError(f"tracing.protocol: must be 'http/json', 'http/protobuf' or 'grpc', got '{protocol}'")
 
 
-def _resource(cfg: Any, resource_attributes: Mapping[str, Any] | None) -> Resource:
+def _resource(cfg: Any, resource_attributes: Mapping[str, Any] | None) -> dict[str, Any]:
     from framework import __version__
 
-    attrs: dict[str, Any] = {
-        "service.name": _get(cfg, "service_name", TRACER_NAME) or TRACER_NAME,
-        "service.version": __version__,
-        "process.pid": os.getpid(),
-    }
+    attrs: dict[str, Any] = {"service.name": _get(cfg, "service_name", TRACER_NAME) or TRACER_NAME,
+                             "service.version": __version__, "process.pid": os.getpid()}
     for k, v in (resource_attributes or {}).items():
         # Resource values must be primitives; a nested config is kept readable as text.
         attrs[str(k)] = v if isinstance(v, (str, bool, int, float)) else str(v)
-    return Resource.create(attrs)
+    return attrs
 
 
 def _config_key(cfg: Any, resource_attributes: Mapping | None, output_dir: Any) -> tuple:
     fields = ("exporter", "path", "endpoint", "protocol", "timeout_s", "sample_ratio", "service_name",
               "flush_interval_ms", "max_queue_size")
-    values = tuple(str(_get(cfg, f)) for f in fields)
     headers = tuple(sorted((str(k), str(v)) for k, v in dict(_get(cfg, "headers", None) or {}).items()))
     attrs = tuple(sorted((str(k), str(v)) for k, v in (resource_attributes or {}).items()))
-    return values + (headers, attrs, str(output_dir))
+    return (*(str(_get(cfg, f)) for f in fields), headers, attrs, str(output_dir))
 
 
-def init_tracing(
-    cfg: Any,
-    resource_attributes: Mapping[str, Any] | None = None,
-    output_dir: str | os.PathLike | None = None,
-) -> None:
+def init_tracing(cfg: Any, resource_attributes: Mapping[str, Any] | None = None,
+                 output_dir: str | os.PathLike | None = None) -> None:
     """Set up this process's tracing from ``cfg`` (a ``TracingConfig`` or a mapping).
 
     Idempotent: a second call in the same process with the same arguments does nothing; with other
@@ -220,16 +180,14 @@ def init_tracing(
         _shutdown_locked()
         if _get(cfg, "exporter", "none") == "none":
             return
-        ratio = float(_get(cfg, "sample_ratio", 1.0))
+        from framework import __version__
+
         resource = _resource(cfg, resource_attributes)
-        sink = _make_sink(cfg, output_dir, resource)
-        recorder = Recorder(sink, int(_get(cfg, "max_queue_size", 8192)),
-                            float(_get(cfg, "flush_interval_ms", 500)) / 1000.0,
-                            inline=isinstance(sink, JsonLinesSpanExporter))
-        provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(ratio)), resource=resource,
-                                  shutdown_on_exit=False)  # our exit hook also covers multiprocessing children
-        provider.add_span_processor(RecorderProcessor(recorder))
-        _state = _State(recorder, ratio, provider, key)
+        sink = _make_sink(cfg, output_dir)
+        exporter = Exporter(sink, resource_json(resource, TRACER_NAME, __version__),
+                            int(_get(cfg, "max_queue_size", 8192)), float(_get(cfg, "flush_interval_ms", 500)) / 1000,
+                            inline=isinstance(sink, FileSink))
+        _state = _State(exporter, float(_get(cfg, "sample_ratio", 1.0)), key, resource)
         _register_exit_hook(pid)
 
 
@@ -260,7 +218,7 @@ def _shutdown_locked() -> None:
     if state is None or state.pid != os.getpid():
         return
     try:
-        state.recorder.shutdown()
+        state.exporter.shutdown()
     except Exception:  # at exit, a dead collector must not turn into a traceback
         log.exception("tracing: shutdown failed")
 
@@ -272,33 +230,10 @@ def shutdown() -> None:
 
 
 def force_flush() -> None:
-    """Export every span ended so far (tests and the CLI use this before reading the file)."""
+    """Export every span ended so far, on the caller's thread (tests and the CLI, before reading)."""
     state = _state
     if state is not None:
-        state.recorder.flush()
-
-
-def flush_if_due() -> None:
-    """Export queued spans if ``tracing.flush_interval_ms`` has passed since the last export.
-
-    A process's main loop calls this when it has a moment (the API process on a timer of its event
-    loop, a worker before it waits for work): the file exporter has no thread of its own.
-    """
-    state = _state
-    if state is not None:
-        state.recorder.flush_if_due()
-
-
-def seconds_until_flush() -> float | None:
-    """How long this process may wait before calling :func:`flush_if_due`; ``None``: no deadline."""
-    state = _state
-    return state.recorder.seconds_until_due() if state is not None else None
-
-
-def flush_interval_s() -> float | None:
-    """``tracing.flush_interval_ms`` in seconds, or ``None`` when tracing is off in this process."""
-    state = _state
-    return state.recorder.flush_interval_s if state is not None else None
+        state.exporter.flush()
 
 
 def enabled() -> bool:
@@ -312,20 +247,55 @@ def tracer() -> trace.Tracer:
     For code outside the request path; parent its spans with :func:`context_of`.
     """
     state = _state
-    return state.tracer if state is not None else _NOOP_TRACER
+    if state is None:
+        return _NOOP_TRACER
+    if state.tracer is None:
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+
+        class Processor(SpanProcessor):  # SDK spans, in the one shape, into the same queue
+            def on_end(self, span: Any) -> None:
+                if span.context.trace_flags.sampled:
+                    state.exporter.add(sdk_span(span))
+
+        provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(state.ratio)),
+                                  resource=Resource.create(state.resource), shutdown_on_exit=False)
+        provider.add_span_processor(Processor())
+        state.tracer = provider.get_tracer(TRACER_NAME)
+    return state.tracer
 
 
 # ------------------------------------------------------------------------------------------ request path
 
+# The SERVER span's bytes, in one % formatting (its name and attributes encoded once per route).
+_SERVER_SPAN = b'{"traceId":"%s","spanId":"%s"%s,"name":%s,"kind":2,"startTimeUnixNano":"%d",' \
+               b'"endTimeUnixNano":"%d","attributes":[%s%s]%s}'
+_encoded: dict[int, tuple] = {}  # a route's name and shared attributes, encoded once
+_statuses: dict[int, tuple[bytes, bytes]] = {}
+
+
+def _encode_start(name: str, attrs: dict) -> tuple:
+    if len(_encoded) > 256:  # attributes made per request (not a route's shared dict): a bounded cache
+        _encoded.clear()
+    kvs = orjson.dumps(attributes(attrs))[1:-1]
+    entry = _encoded[id(attrs)] = (attrs, name, orjson.dumps(name), kvs + b"," if kvs else b"")
+    return entry
+
+
+def _encode_status(code: int) -> tuple[bytes, bytes]:
+    """The status code's attribute and, for a 5xx (HTTP conventions: only those are errors), the
+    ``error.type`` attribute and the ERROR status."""
+    kv = b'{"key":"http.response.status_code","value":{"intValue":"%d"}}' % code
+    if code < 500:
+        return kv, b""
+    return kv + b',{"key":"error.type","value":{"stringValue":"%d"}}' % code, b',"status":{"code":2}'
+
 
 class RequestSpan(SpanRef):
     """The SERVER span of one HTTP request, made by :func:`start_request`; current for the request's
-    task until :meth:`end`.
-
-    It is its own :class:`SpanRef` (``span.ref is span``): what :func:`current` returns and children
-    nest under. ``header`` is the ``traceparent`` response header's value (bytes), which tells the
-    client the trace id.
-    """
+    task until :meth:`end`. It is its own :class:`SpanRef` (what :func:`current` returns and children
+    nest under). ``header`` is the ``traceparent`` response header's value (bytes)."""
 
     __slots__ = ("parent", "name", "attributes", "start_ns", "header", "_token")
 
@@ -350,18 +320,22 @@ class RequestSpan(SpanRef):
         state = _state
         if state is None or not self.sampled:
             return
-        attrs = {**self.attributes, "http.response.status_code": status_code}
-        status = "UNSET"
-        if status_code >= 500:
-            attrs["error.type"] = str(status_code)
-            status = "ERROR"
+        attrs = self.attributes
+        encoded = _encoded.get(id(attrs))
+        if encoded is None or encoded[0] is not attrs or encoded[1] != self.name:
+            encoded = _encode_start(self.name, attrs)
+        status = _statuses.get(status_code) or _statuses.setdefault(status_code, _encode_status(status_code))
         parent = self.parent
-        rows = state.rows  # Recorder.add, in line: this runs once per request
-        rows.append((self.name, self.trace_id, self.span_id, parent.span_id if parent is not None else None,
-                     parent is not None, "SERVER", self.start_ns, time.time_ns(), attrs, status, None, NO_EVENTS,
-                     self.trace_state))  # a SpanRecord's fields, as a plain tuple (see records.py)
-        if len(rows) >= state.chunk:
-            state.chunk_ready(rows)
+        header = self.header
+        span = _SERVER_SPAN % (
+            header[3:35], header[36:52],  # the ids, as bytes already
+            b"" if parent is None else b',"parentSpanId":"%s"' % parent.span_id.encode(),
+            encoded[2], self.start_ns, time.time_ns(), encoded[3], status[0],
+            status[1] if not self.trace_state else status[1] + b',"traceState":' + orjson.dumps(self.trace_state))
+        queue = state.queue  # Exporter.add, in line: this runs once per request
+        queue.append(span)
+        if len(queue) >= state.chunk:
+            state.full()
 
 
 def start_request(name: str, headers: Mapping[str, Any] | list | None, attributes: dict) -> RequestSpan | None:
@@ -370,8 +344,8 @@ def start_request(name: str, headers: Mapping[str, Any] | list | None, attribute
     ``headers``: a mapping (request headers, a carrier dict) or an ASGI scope's raw header list.
     ``None`` when tracing is off in this process. A request without a (valid) header starts a new
     trace, sampled by ``tracing.sample_ratio``; one with a header follows the client's sampled flag
-    (OpenTelemetry's ``ParentBased`` rule). ``attributes`` is not changed (one dict can serve every
-    request of a route): :meth:`end` records a copy with the response status added.
+    (OpenTelemetry's ``ParentBased`` rule). ``attributes`` must not change afterwards (one dict can
+    serve every request of a route, and is encoded once); :meth:`end` adds the response status.
 
     Every request of a traced server runs this, so it is written as one function: each Python call
     it saved was a measurable share of an ``echo`` request (``benchmarks/instructions.py``).
@@ -430,54 +404,36 @@ def sampled_current() -> SpanRef | None:
     return ref if ref is not None and ref.sampled else None
 
 
-def record(
-    name: str,
-    parent: SpanRef | None,
-    start_ns: int,
-    end_ns: int,
-    attributes: dict | None = None,
-    kind: str = "INTERNAL",
-    error: BaseException | str | None = None,
-) -> SpanRef | None:
-    """Record a finished child of ``parent`` whose times are already known (queue wait, a batch and
-    its phases, a cache lookup). Returns the new span's ref, to parent its own children; ``None``
-    (and nothing recorded) when tracing is off, there is no parent, or the trace is not sampled.
-
-    ``attributes`` is kept as given (pass primitive values or lists of them; do not mutate it
-    afterwards). ``error`` marks the span as failed; an exception also becomes an ``exception`` event.
-    """
+def record(name: str, parent: SpanRef | None, start_ns: int, end_ns: int, attributes: Mapping | None = None,
+           kind: str = "INTERNAL", error: BaseException | str | None = None) -> SpanRef | None:
+    """Record a finished child of ``parent`` whose times are already known (a cache lookup).
+    Returns the new span's ref, to parent its own children; ``None`` (and nothing recorded) when
+    tracing is off, there is no parent, or the trace is not sampled. ``error`` marks the span as
+    failed; an exception also becomes an ``exception`` event."""
     state = _state
     if state is None or parent is None or not parent.sampled:
         return None
-    span_id = new_span_id()
-    status, description, events = error_fields(error, end_ns)
-    state.recorder.add((name, parent.trace_id, span_id, parent.span_id, parent.remote, kind, start_ns, end_ns,
-                        attributes, status, description, events, parent.trace_state))
-    return SpanRef(parent.trace_id, span_id, True, parent.trace_state)
+    sid = new_span_id()
+    state.exporter.add(orjson.dumps(span_json(parent.trace_id, sid, parent.span_id, name, KIND[kind], start_ns,
+                                              end_ns, attributes, error, parent.trace_state)))
+    return SpanRef(parent.trace_id, sid, True, parent.trace_state)
 
 
 def record_tree(parent: SpanRef | None, spans: list[tuple] | bytes) -> None:
-    """Record several finished spans of one trace at once (the worker's spans for one request).
+    """Record several finished spans under ``parent`` at once: a worker's spans of one request.
 
-    Each entry is ``(name, start_ns, end_ns, attributes, parent_index, error)``: ``parent_index``
-    is the position of an earlier entry to nest under, or -1 for ``parent`` itself; ``error`` is
-    ``None``, a description or an exception. ``spans`` may also be the entries already serialized
-    as one JSON array (bytes, ``orjson.dumps(entries)``, an error then as its exception's attributes):
-    what a worker's answer carries, written to the file without being parsed. Nothing is recorded
-    when tracing is off or ``parent`` is missing or not sampled. The same spans as calls to
-    :func:`record`, queued as one entry (a :class:`~framework.tracing.records.TreeRecord`; do not
-    change ``spans`` afterwards) that the file stores as it is and the SDK exporters expand: well
-    under a microsecond for the whole tree.
+    ``spans`` is what :func:`encode_spans` returned (bytes: how a worker's answer carries them,
+    queued without being parsed), or its entries ``(name, start_ns, end_ns, attributes,
+    parent_index, error)`` to encode here. Nothing is recorded when tracing is off or ``parent`` is
+    missing or not sampled.
     """
     state = _state
     if state is None or parent is None or not parent.sampled:
         return
-    if type(spans) is bytes and state.embeds_json:
-        spans = orjson.Fragment(spans)
-    trees = state.trees  # Recorder.add, in line: a traced server runs this once per sampled request
-    trees.append((parent.trace_id, parent.trace_state, parent.span_id, parent.remote, _getrandbits(64), spans))
-    if len(trees) >= state.chunk:
-        state.chunk_ready(trees)
+    if type(spans) is not bytes:
+        spans = encode_spans(spans)
+    if len(spans) > 2:  # not an empty array
+        state.exporter.add(fill(spans, parent.trace_id, parent.span_id, parent.trace_state))
 
 
 # ------------------------------------------------------------------------------------- SDK interoperation

@@ -1,259 +1,268 @@
-"""Where finished spans go: bounded in-memory queues, drained in chunks into a sink.
+"""Where finished spans go: one queue per process, drained in chunks of OTLP/JSON into a sink.
 
-What the request path pays is a ``deque.append`` and a length check on one of the recorder's
-queues (``rows``, ``trees``: see records.py), written in line where spans are recorded, and, once
-in a chunk of a few hundred spans, the chunk's export (inline for the file exporter, on a
-background thread for the network ones: see :class:`Recorder`). One queue per kind of record, so
-neither the queueing nor the export sorts them one by one in Python.
+The request path appends a span (``otlp.py``'s shape) to :attr:`Exporter.queue` and, once the
+queue holds a chunk, calls :meth:`Exporter.full`. Draining a chunk is one ``orjson.dumps`` of an
+OTLP ``TracesData`` around it, then one ``send`` of those bytes:
 
-Sinks:
+* ``file``: appended as one line of ``traces.jsonl`` (one ``write`` on an ``O_APPEND`` descriptor, so
+  several processes share the file without interleaving inside a line): what the OpenTelemetry
+  Collector's file exporter writes and its ``otlpjsonfile`` receiver reads.
+* ``otlp`` over HTTP: the same bytes POSTed to ``/v1/traces`` as ``application/json``.
+* ``otlp`` over gRPC or ``http/protobuf``: the same bytes parsed into the protobuf request (the
+  paths that pay per span, on the exporter's thread).
+* ``console``: the same line on stdout.
 
-* ``JsonLinesSpanExporter``: the file exporter. Each line is one JSON object holding a resource
-  and a chunk of its spans: ``{"resource": {...}, "schema": {...}, "rows": [...], "trees": [...],
-  "spans": [...]}``. ``rows`` are span records and ``trees`` tree records (records.py) as positional
-  arrays whose field names ``schema`` lists; ``spans`` are spans made through the SDK, as objects.
-  Arrays rather than an object per span because the file exporter's cost is paid on the serving
-  machine's CPUs: orjson writes a chunk of tuples with no Python code per span (~0.4 µs a span,
-  against ~1.2 µs for building a dict per span), and a request's five worker spans are one array.
-  ``hydraserve traces`` (``framework.traces_view.load_spans``) reads it back as span objects.
-  Each chunk goes out in one ``write`` on an ``O_APPEND`` descriptor, so several processes append
-  to one file without interleaving inside a line. It is also an SDK ``SpanExporter``, for other tracers.
-* ``SdkSink``: any OpenTelemetry SDK exporter (OTLP over HTTP or gRPC, console, in-memory); records
-  become ``ReadableSpan`` objects first.
+Who drains: the file is written by the thread that fills a chunk (a write(2) of a few KB; a
+thread woken for each chunk made every request of a saturated ``echo`` server cost ~40 µs more
+CPU on a 2-core machine, GIL hand-offs included). The network and console sinks may block, so
+only the exporter's own thread sends to them, and a full chunk wakes it. That thread also drains
+whatever is queued every ``tracing.flush_interval_ms``, so spans leave under light traffic without
+the serving loops having to ask. Past ``tracing.max_queue_size`` queued entries (a collector
+down or slow), new spans are dropped and counted (``hydraserve_spans_dropped_total``): a request
+never waits for tracing.
 """
 
 from __future__ import annotations
 
+import base64
+import http.client
 import logging
 import os
+import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import repeat
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
-from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor
-from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-from framework.tracing.records import (
-    ROW_LEN,
-    SPAN_FIELDS,
-    TREE_FIELDS,
-    TREE_SPAN_FIELDS,
-    SpanRecord,
-    TreeRecord,
-    exception_attributes,
-    expand_tree,
-    readable_span,
-    sdk_span_dict,
-)
+from framework import metrics
+from framework.tracing.otlp import attributes, sdk_span
 
-__all__ = ["JsonLinesSpanExporter", "Recorder", "RecorderProcessor", "SdkSink"]
+__all__ = ["CHUNK", "Exporter", "FileSink", "GrpcSink", "HttpSink", "JsonLinesSpanExporter", "StreamSink",
+           "resource_json"]
 
 log = logging.getLogger("hydraserve.tracing")
 
-CHUNK = 256  # spans converted per GIL-holding stretch of the exporting thread
-_LINE = orjson.OPT_APPEND_NEWLINE
-SCHEMA = {"rows": SPAN_FIELDS, "trees": TREE_FIELDS, "tree_spans": TREE_SPAN_FIELDS}
-_SCHEMA_JSON = orjson.Fragment(orjson.dumps(SCHEMA))
-
-
-def _json_default(obj: Any) -> Any:
-    """What orjson cannot write by itself: a tuple subclass as an array, a failed span's exception
-    as its event attributes, anything else as text."""
-    if isinstance(obj, tuple):
-        return tuple(obj)
-    if isinstance(obj, BaseException):
-        return exception_attributes(obj)
-    return str(obj)
-
-
-class JsonLinesSpanExporter(SpanExporter):
-    """Writes spans as JSON lines, a chunk per line; takes records and SDK spans alike."""
-
-    def __init__(self, path: str | os.PathLike, resource: Resource | None = None) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        self._write_lock = threading.Lock()
-        self._resources: dict[int, tuple[Resource, Any]] = {}
-        self._resource = self._resource_json(resource) if resource is not None else None
-
-    def _resource_json(self, resource: Resource) -> Any:
-        # The same object for every span of a process: serialized once and embedded as ready JSON.
-        cached = self._resources.get(id(resource))
-        if cached is None or cached[0] is not resource:
-            cached = (resource, orjson.Fragment(orjson.dumps(dict(resource.attributes), default=str)))
-            self._resources[id(resource)] = cached
-        return cached[1]
-
-    def encode(self, rows: Sequence[tuple] = (), trees: Sequence[tuple] = (),
-               sdk_spans: Sequence[ReadableSpan] = ()) -> bytes:
-        """One line for this process's records (they share its resource) and one per resource among
-        ``sdk_spans`` (each carries its own). Each line is one ``orjson.dumps`` call over whole
-        lists: no Python code runs per record."""
-        lines = []
-        if rows or trees:
-            lines.append(orjson.dumps({"resource": self._resource, "schema": _SCHEMA_JSON, "rows": rows,
-                                       "trees": trees}, default=_json_default, option=_LINE))
-        groups: dict[int, tuple[Any, list]] = {}
-        for s in sdk_spans:
-            resource = self._resource_json(s.resource)
-            groups.setdefault(id(resource), (resource, []))[1].append(sdk_span_dict(s))
-        for resource, group in groups.values():
-            lines.append(orjson.dumps({"resource": resource, "spans": group}, default=str, option=_LINE))
-        return b"".join(lines)
-
-    def write(self, rows: Sequence[tuple], trees: Sequence[tuple], sdk_spans: Sequence[ReadableSpan]) -> None:
-        """What the recorder calls with each chunk (see :class:`Recorder`)."""
-        self._write(rows, trees, sdk_spans)
-
-    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        """The SDK exporter interface, for spans of other tracers."""
-        return self._write((), (), spans)
-
-    def _write(self, rows: Sequence[tuple], trees: Sequence[tuple], sdk_spans: Sequence[ReadableSpan]) \
-            -> SpanExportResult:
-        if self._fd is None:
-            return SpanExportResult.FAILURE
-        try:  # encoding too: in the file exporter this runs on a request's own path
-            data = self.encode(rows, trees, sdk_spans)
-            with self._write_lock:
-                view = memoryview(data)
-                while view:  # a regular file takes it all at once; loop only for the pathological case
-                    view = view[os.write(self._fd, view):]
-        except Exception:  # an exporter never raises into its thread
-            log.exception("tracing: cannot write spans to %s", self.path)
-            return SpanExportResult.FAILURE
-        return SpanExportResult.SUCCESS
-
-    def shutdown(self) -> None:
-        with self._write_lock:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-
-    def force_flush(self, timeout_millis: int = 30000) -> bool:
-        return True  # every export is a write(2); nothing is buffered here
-
-
-class SdkSink:
-    """Feeds an OpenTelemetry SDK exporter: records become ``ReadableSpan`` objects on the way."""
-
-    def __init__(self, exporter: SpanExporter, resource: Resource, scope: InstrumentationScope) -> None:
-        self.exporter = exporter
-        self.resource = resource
-        self.scope = scope
-
-    def write(self, rows: Sequence[tuple], trees: Sequence[tuple], sdk_spans: Sequence[ReadableSpan]) -> None:
-        converted = list(sdk_spans)
-        converted += [readable_span(SpanRecord._make(r), self.resource, self.scope) for r in rows]
-        for t in trees:
-            converted += [readable_span(r, self.resource, self.scope) for r in expand_tree(*t)]
-        try:
-            self.exporter.export(converted)
-        except Exception:  # a dead collector must not kill the exporting thread
-            log.exception("tracing: export failed")
-
-    def shutdown(self) -> None:
-        self.exporter.shutdown()
-
-
+CHUNK = 256  # queue entries (a worker's spans of one request count once) per line / request
 _popleft = deque.popleft
 
 
-def _take(queue: deque) -> list:
-    """Up to a chunk of ``queue``'s oldest entries, popped one by one in C (appends from another
-    thread meanwhile are safe: each ``popleft`` is atomic)."""
-    return list(map(_popleft, repeat(queue, min(CHUNK, len(queue)))))
+def resource_json(resource: Mapping[str, Any], scope: str, version: str) -> bytes:
+    """The head of every chunk this process sends, up to its spans (encoded once: :meth:`Exporter.encode`
+    closes it around each chunk's spans)."""
+    return b'{"resourceSpans":[{"resource":%s,"scopeSpans":[{"scope":%s,"spans":' % (
+        orjson.dumps({"attributes": attributes(resource)}), orjson.dumps({"name": scope, "version": version}))
 
 
-class Recorder:
-    """The per-process span queues, and how they are drained: inline or by a thread.
+def _count(entry: bytes) -> int:
+    """Spans in a queue entry (a worker's entry holds several)."""
+    return entry.count(b'"spanId"')
 
-    Three queues, one per kind of entry: ``rows`` (span records), ``trees`` (tree records) and
-    ``sdk`` (spans made through the SDK). The request path appends to ``rows`` or ``trees`` itself,
-    then calls :meth:`chunk_ready` once that queue holds :attr:`chunk` entries (see
-    ``tracing.RequestSpan.end``).
 
-    *Inline* (the file exporter): no thread. The thread that records the span that fills a chunk
-    exports the chunk, and the process's main loop calls :meth:`flush_if_due` when it has time (the
-    API process every ``flush_interval_ms`` on its event loop, a worker before it waits for work),
-    so spans reach the file within about ``flush_interval_ms`` under any traffic. Measured on this
-    project's 2-core machine, an exporting thread made every request of a saturated echo server
-    cost ~40 µs more CPU than exporting inline (``benchmarks/tracing.py``): the thread's work itself is
-    a few µs, so the rest is the two threads contending for the GIL and the CPUs.
+class FileSink:
+    """Appends each chunk as one line; ``path``'s folder is created."""
 
-    *Threaded* (OTLP and console, whose exports block on the network or a terminal): one daemon
-    thread wakes every ``flush_interval_ms``, or as soon as a chunk is ready. Past
-    ``max_queue_size`` queued entries, new ones are dropped (and counted in a warning): a request
-    never waits for tracing.
-    """
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
 
-    def __init__(self, sink: JsonLinesSpanExporter | SdkSink, max_queue_size: int, flush_interval_s: float,
-                 inline: bool = False) -> None:
+    def send(self, body: bytes) -> bool:
+        if self._fd is None:
+            return False
+        view = memoryview(body)
+        while view:  # a regular file takes it all at once; loop only for the pathological case
+            view = view[os.write(self._fd, view):]
+        return True
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class StreamSink:
+    """Writes each chunk to stdout (looked up at each write: tests and the CLI swap it)."""
+
+    def send(self, body: bytes) -> bool:
+        sys.stdout.write(body.decode())
+        sys.stdout.flush()
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class HttpSink:
+    """OTLP/HTTP on one kept-alive connection (``http.client``: no SDK). ``http/json`` sends the chunk's
+    bytes as they are; ``http/protobuf`` converts them first (:func:`to_protobuf`)."""
+
+    def __init__(self, endpoint: str, headers: Mapping[str, str], timeout_s: float, protobuf: bool = False) -> None:
+        url = urlsplit(endpoint)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"tracing.endpoint: must be an http:// or https:// URL, got '{endpoint}'")
+        self._conn_class = http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection
+        self._address = (url.hostname, url.port)
+        self.path = (url.path or "/v1/traces") + (f"?{url.query}" if url.query else "")
+        self.protobuf = protobuf
+        content_type = "application/x-protobuf" if protobuf else "application/json"
+        self.headers = {**headers, "Content-Type": content_type}
+        self.timeout_s = timeout_s
+        self._conn: http.client.HTTPConnection | None = None
+
+    def send(self, body: bytes) -> bool:
+        if self.protobuf:
+            body = to_protobuf(body).SerializeToString()
+        for attempt in range(2):
+            reused = self._conn is not None
+            if self._conn is None:
+                self._conn = self._conn_class(*self._address, timeout=self.timeout_s)
+            try:
+                self._conn.request("POST", self.path, body, self.headers)
+                response = self._conn.getresponse()
+                response.read()
+                if 200 <= response.status < 300:
+                    return True
+                log.warning("tracing: the collector answered %d to %d bytes of spans", response.status, len(body))
+                return False
+            except (OSError, http.client.HTTPException) as exc:
+                self.close()
+                # A kept-alive connection the collector closed meanwhile fails at once: retry on a new
+                # one. A timeout is not retried: a slow collector costs spans, not twice the wait.
+                if attempt or not reused or isinstance(exc, TimeoutError):
+                    return False
+        return False
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+def _hex_ids(message: Any) -> None:
+    # json_format reads bytes fields as base64, OTLP/JSON writes ids as hex: 32 and 16 hex digits are
+    # valid base64 (of 24 and 12 bytes), so encoding those back gives the hex text to decode.
+    for field in ("trace_id", "span_id", "parent_span_id"):
+        raw = getattr(message, field)
+        if raw:
+            setattr(message, field, bytes.fromhex(base64.b64encode(raw).decode()))
+
+
+def to_protobuf(body: bytes) -> Any:
+    """A chunk's OTLP/JSON as an ``ExportTraceServiceRequest`` (the same fields as ``TracesData``)."""
+    from google.protobuf import json_format
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    request = json_format.Parse(body, ExportTraceServiceRequest())
+    for rs in request.resource_spans:
+        for ss in rs.scope_spans:
+            for span in ss.spans:
+                _hex_ids(span)
+                for link in span.links:
+                    _hex_ids(link)
+    return request
+
+
+class GrpcSink:
+    """OTLP/gRPC: each chunk converted (:func:`to_protobuf`) on the exporter's thread."""
+
+    def __init__(self, endpoint: str, headers: Mapping[str, str], timeout_s: float) -> None:
+        import grpc  # imported here: a server without gRPC export never loads it
+        from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+
+        url = urlsplit(endpoint)
+        target = url.netloc if "://" in endpoint else endpoint
+        self._channel = grpc.insecure_channel(target) if url.scheme == "http" else \
+            grpc.secure_channel(target, grpc.ssl_channel_credentials())
+        self._stub = trace_service_pb2_grpc.TraceServiceStub(self._channel)
+        self._error = grpc.RpcError
+        self.metadata = [(str(k).lower(), str(v)) for k, v in headers.items()]
+        self.timeout_s = timeout_s
+
+    def send(self, body: bytes) -> bool:
+        try:
+            self._stub.Export(to_protobuf(body), timeout=self.timeout_s, metadata=self.metadata or None)
+        except self._error as exc:
+            log.debug("tracing: gRPC export failed: %s", exc)
+            return False
+        return True
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+class Exporter:
+    """This process's span queue, its draining (see the module docstring) and its thread."""
+
+    def __init__(self, sink: Any, head: bytes, max_queue_size: int, flush_interval_s: float, inline: bool) -> None:
         self.sink = sink
-        self.max_queue_size = max_queue_size
-        # A queue this long is exported (inline) or handed to the thread: a chunk, or less when
-        # tracing.max_queue_size is smaller, so the file exporter writes rather than drops.
+        self.head = head
+        self.queue: deque = deque()
+        # A queue this long is drained (inline) or handed to the thread: a chunk, or less when
+        # tracing.max_queue_size is smaller, so the file is written rather than spans dropped.
         self.chunk = max(1, min(CHUNK, max_queue_size))
+        self.max_queue_size = max_queue_size
         self.flush_interval_s = flush_interval_s
         self.inline = inline
-        self.dropped = 0
-        self.rows: deque = deque()
-        self.trees: deque = deque()
-        self.sdk: deque = deque()
-        self._due = time.monotonic() + flush_interval_s  # when queued spans must be exported at the latest
+        self.dropped = 0  # since the last warning
+        self._warned_at = 0.0
+        self._lock = threading.Lock()  # one drain at a time
         self._wake = threading.Event()
         self._stop = False
-        self._export_lock = threading.Lock()  # one drain at a time: the thread, or a flush() caller
-        self._thread: threading.Thread | None = None
-        if not inline:
-            self._thread = threading.Thread(target=self._run, name="hydraserve-span-export", daemon=True)
-            self._thread.start()
+        self._thread = threading.Thread(target=self._run, name="hydraserve-span-export", daemon=True)
+        self._thread.start()
 
-    def add(self, span: SpanRecord | TreeRecord | ReadableSpan) -> None:
-        """Queue any entry (the request path appends to its queue itself instead)."""
-        if type(span) is not tuple:
-            queue = self.sdk
-        else:
-            queue = self.rows if len(span) == ROW_LEN else self.trees
+    def add(self, span: bytes) -> None:
+        """Queue encoded spans (``otlp.py``). The request path does this in line."""
+        queue = self.queue
         queue.append(span)
         if len(queue) >= self.chunk:
-            self.chunk_ready(queue)
+            self.full()
 
-    def queued(self) -> int:
-        return len(self.rows) + len(self.trees) + len(self.sdk)
-
-    def chunk_ready(self, queue: deque) -> None:
-        """``queue`` holds at least :attr:`chunk` entries: export now (inline) or wake the exporting
-        thread (and drop the newest entry when the thread is behind by ``max_queue_size``)."""
+    def full(self) -> None:
+        """The queue holds at least a chunk: drain it here (file) or wake the thread (network)."""
+        queue = self.queue
         if self.inline:
-            self.flush()
-        elif self.queued() > self.max_queue_size:
-            queue.pop()  # the newest: tracing never blocks a request
-            self.dropped += 1
+            if self._lock.acquire(blocking=False):  # else the thread is draining: it takes these too
+                try:
+                    self._drain()
+                finally:
+                    self._lock.release()
+        elif len(queue) > self.max_queue_size:
+            self._drop([queue.pop()])  # the newest: tracing never blocks a request
         elif len(queue) == self.chunk:
             self._wake.set()
 
-    def seconds_until_due(self) -> float | None:
-        """How long queued spans may still wait (0: now); ``None`` when nothing is queued, or when
-        the exporting thread keeps the time (threaded mode)."""
-        if not self.inline or not (self.rows or self.trees or self.sdk):
-            return None
-        return max(0.0, self._due - time.monotonic())
+    def encode(self, entries: Sequence[bytes]) -> bytes:
+        """One OTLP/JSON ``TracesData`` line: this process's resource, its scope, and ``entries``."""
+        return b"%s[%s]}]}]}\n" % (self.head, b",".join(entries))
 
-    def flush_if_due(self) -> None:
-        """Inline mode: export the queues if ``flush_interval_ms`` has passed since the last export
-        (cheap otherwise). Threaded mode: nothing; a network export must never run on the caller's
-        thread (the API process calls this on its event loop)."""
-        if self.inline and (self.rows or self.trees or self.sdk) and time.monotonic() >= self._due:
-            self.flush()
+    def _drain(self) -> None:
+        queue = self.queue
+        while queue:
+            entries = list(map(_popleft, repeat(queue, min(CHUNK, len(queue)))))
+            try:
+                sent = self.sink.send(self.encode(entries))
+            except Exception:  # a broken sink or span must never raise into a request
+                log.exception("tracing: cannot export %d spans", len(entries))
+                sent = False
+            if not sent:
+                self._drop(entries)
+
+    def _drop(self, entries: Sequence[Any]) -> None:
+        n = sum(map(_count, entries))
+        metrics.spans_dropped(n)
+        self.dropped += n
+        now = time.monotonic()
+        if now - self._warned_at >= 60:  # a collector that stays down warns once a minute, not per chunk
+            log.warning("tracing: %d spans dropped (the exporter failed or tracing.max_queue_size=%d is full)",
+                        self.dropped, self.max_queue_size)
+            self._warned_at, self.dropped = now, 0
 
     def _run(self) -> None:
         while not self._stop:
@@ -262,37 +271,44 @@ class Recorder:
             self.flush()
 
     def flush(self) -> None:
-        """Export everything queued so far (from any thread)."""
-        rows, trees, sdk = self.rows, self.trees, self.sdk
-        with self._export_lock:
-            while rows or trees or sdk:
-                self.sink.write(_take(rows), _take(trees), _take(sdk))
-            self._due = time.monotonic() + self.flush_interval_s
-        if self.dropped:
-            log.warning("tracing: %d spans dropped (tracing.max_queue_size=%d is full)",
-                        self.dropped, self.max_queue_size)
-            self.dropped = 0
+        """Export everything queued so far (any thread; the caller waits for the sink)."""
+        with self._lock:
+            self._drain()
 
     def shutdown(self) -> None:
         self._stop = True
         self._wake.set()
-        thread = self._thread
-        if thread is not None and thread.is_alive() and thread is not threading.current_thread():
-            thread.join(timeout=5)
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
         self.flush()
-        self.sink.shutdown()
+        self.sink.close()
 
 
-class RecorderProcessor(SpanProcessor):
-    """Puts spans made through the OpenTelemetry SDK (``tracing.tracer()``) in the same queue."""
+class JsonLinesSpanExporter:
+    """An OpenTelemetry SDK ``SpanExporter`` writing the same OTLP/JSON lines, for a client's own
+    tracer (``examples/traced_client.py``): its spans read with the server's in ``hydraserve traces``."""
 
-    def __init__(self, recorder: Recorder) -> None:
-        self.recorder = recorder
+    def __init__(self, path: str | os.PathLike) -> None:
+        self._sink = FileSink(path)
+        self._lock = threading.Lock()
 
-    def on_end(self, span: ReadableSpan) -> None:
-        if span.context.trace_flags.sampled:
-            self.recorder.add(span)
+    def export(self, spans: Sequence[Any]) -> Any:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+
+        groups: dict[tuple, list] = {}
+        for s in spans:
+            scope = s.instrumentation_scope
+            key = (id(s.resource), scope.name if scope else "", scope.version if scope else "")
+            groups.setdefault(key, [s.resource]).append(sdk_span(s))
+        with self._lock:
+            for (_, name, version), (resource, *group) in groups.items():
+                head = resource_json(dict(resource.attributes), name, version or "")
+                self._sink.send(b"%s[%s]}]}]}\n" % (head, b",".join(group)))
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._sink.close()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        self.recorder.flush()
-        return True
+        return True  # every export is a write(2): nothing is buffered here

@@ -19,7 +19,7 @@ Worker -> API process (each a *reply*):
 * a generated request streams chunks ``{"t": new text, "n": output tokens so far}``; its last chunk
   adds ``"f"`` (finish reason) and ``"p"`` (prompt tokens), then its end frame follows.
 * a sampled request's answer, error or end is followed by a newline and its worker spans, a JSON array of
-  ``tracing.record_tree`` entries. orjson never writes a newline inside its output, so the API process
+  OTLP/JSON spans (``tracing.encode_spans``). orjson never writes a newline inside its output, so the API process
   splits the trailer off without parsing it, and the file exporter writes it as it is.
 
 Transport -> API process: **worker dead** ``{"dead": worker}`` when a worker's connection closes.
@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+
+from framework.tracing.otlp import child_span
 
 __all__ = [
     "ProtocolError",
@@ -151,14 +153,14 @@ def encode_worker_dead(worker: int) -> bytes:
 
 
 def attach_spans(reply: bytes, batch_spans: bytes, queued_ns: int, start_ns: int) -> bytes:
-    """``reply`` followed by a newline and the request's spans: the batch's (a JSON array of
-    ``tracing.record_tree`` entries, serialized once per batch) plus the request's own ``queue.wait``
+    """``reply`` followed by a newline and the request's spans: the batch's (OTLP/JSON from
+    ``tracing.encode_spans``, serialized once per batch) plus the request's own ``queue.wait``
     from ``queued_ns`` to ``start_ns``, appended without re-serializing the batch's entries."""
-    return b'%s\n%s,["queue.wait",%d,%d,null,-1,null]]' % (reply, batch_spans[:-1], queued_ns, start_ns)
+    return b"%s\n%s" % (reply, child_span(batch_spans, b"queue.wait", queued_ns, start_ns))
 
 
 def with_span_trailer(reply: bytes, spans: bytes) -> bytes:
-    """``reply`` followed by a newline and ``spans``, a JSON array of ``tracing.record_tree`` entries
+    """``reply`` followed by a newline and ``spans``, a JSON array from ``tracing.encode_spans``
     (a generated request's end frame carries its queue, prefill and decode spans this way)."""
     return b"%s\n%s" % (reply, spans)
 

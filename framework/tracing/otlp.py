@@ -1,0 +1,174 @@
+"""The one record shape: a finished span is OTLP/JSON bytes from the moment it ends.
+
+Each queued entry is the JSON of one or more OTLP ``Span`` objects, with the OTLP JSON encoding's
+names and rules (camelCase keys, hex ids, 64-bit integers as strings, enums as numbers, attributes
+as ``{"key", "value"}`` lists), so exporting a chunk is joining its entries inside a ``TracesData``:
+the line of ``traces.jsonl`` and the body of an OTLP/HTTP POST are the same bytes.
+
+The worker's spans travel to the API process already encoded (:func:`encode_spans`) with two
+placeholders, ``%(t)s`` for the trace id and ``%(p)s`` for the request's span where it is the
+parent: the worker never learns the request's trace. The API process fills both with one bytes
+``%`` formatting (:func:`fill`) instead of parsing them; every other ``%`` in them is doubled.
+The request path builds its bytes with ``%`` formatting too: on a 2-core machine a dict per span
+and an ``orjson.dumps`` of it cost several times more per ``echo`` request.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import orjson
+
+__all__ = ["KIND", "Encoded", "attributes", "attributes_json", "child_span", "encode_spans", "error_fields",
+           "exception_attributes", "fill", "sdk_span", "span_json"]
+
+KIND = {"INTERNAL": 1, "SERVER": 2, "CLIENT": 3, "PRODUCER": 4, "CONSUMER": 5}  # OTLP SpanKind numbers
+STATUS_ERROR = 2
+_getrandbits = random.getrandbits
+
+
+def _value(v: Any) -> dict:
+    """An OTLP ``AnyValue``: bool before int (a bool is an int in Python); 64-bit ints as strings."""
+    t = type(v)
+    if t is str:
+        return {"stringValue": v}
+    if t is bool:
+        return {"boolValue": v}
+    if t is int:  # OTLP integers are 64-bit: a larger one is kept as text rather than refused by collectors
+        return {"intValue": str(v)} if -(1 << 63) <= v < (1 << 63) else {"stringValue": str(v)}
+    if t is float:
+        # JSON has no NaN or infinity; the OTLP JSON encoding writes them as these strings.
+        return {"doubleValue": v if math.isfinite(v) else ("NaN" if v != v else "Infinity" if v > 0 else "-Infinity")}
+    if isinstance(v, (list, tuple)):
+        return {"arrayValue": {"values": [_value(x) for x in v]}}
+    if isinstance(v, Mapping):
+        return {"kvlistValue": {"values": attributes(v)}}
+    return {"stringValue": str(v)}
+
+
+def attributes(attrs: Mapping[str, Any] | None) -> list[dict]:
+    """``attrs`` as an OTLP ``KeyValue`` list (``None`` values are left out, as the SDK does)."""
+    if not attrs:
+        return []
+    return [{"key": str(k), "value": _value(v)} for k, v in attrs.items() if v is not None]
+
+
+class Encoded(bytes):
+    """Attributes already encoded (:func:`attributes_json`): a JSON ``KeyValue`` list, ``%`` doubled."""
+
+
+def attributes_json(attrs: Mapping[str, Any]) -> Encoded:
+    """``attrs`` encoded once, for attributes that many spans share (a worker's ``model.forward``)."""
+    return Encoded(orjson.dumps(attributes(attrs)).replace(b"%", b"%%"))
+
+
+def exception_attributes(error: BaseException) -> dict[str, str]:
+    """The attributes of the ``exception`` event the SDK's ``span.record_exception`` would add."""
+    return {"exception.type": type(error).__qualname__, "exception.message": str(error)}
+
+
+def error_fields(span: dict, error: Any, end_ns: int) -> dict:
+    """Mark ``span`` failed with ``error``: a description, an exception, or an exception's attributes
+    (:func:`exception_attributes`, as a worker sends them); the last two add an ``exception`` event."""
+    if isinstance(error, BaseException):
+        error = exception_attributes(error)
+    if isinstance(error, Mapping):
+        span["status"] = {"code": STATUS_ERROR, "message": str(error.get("exception.message", ""))}
+        span["events"] = [{"timeUnixNano": str(end_ns), "name": "exception", "attributes": attributes(error)}]
+    else:
+        span["status"] = {"code": STATUS_ERROR, "message": str(error)}
+    return span
+
+
+def span_json(trace_id: str, sid: str, parent_id: str | None, name: str, kind: int, start_ns: int, end_ns: int,
+              attrs: Any = None, error: Any = None, trace_state: str | None = None) -> dict:
+    """One finished span as a dict of the OTLP JSON encoding (``attrs``: a mapping or a ``KeyValue`` list)."""
+    span = {"traceId": trace_id, "spanId": sid, "name": name, "kind": kind,
+            "startTimeUnixNano": str(start_ns), "endTimeUnixNano": str(end_ns)}
+    if parent_id:
+        span["parentSpanId"] = parent_id
+    if trace_state:
+        span["traceState"] = trace_state
+    if attrs:
+        span["attributes"] = attrs if type(attrs) is list else attributes(attrs)
+    if error is not None:
+        error_fields(span, error, end_ns)
+    return span
+
+
+_HEX = b"0123456789abcdef"
+_WORKER_SPAN = b'{"traceId":"%%(t)s","spanId":"%s","parentSpanId":"%s","name":%s,"kind":1,' \
+               b'"startTimeUnixNano":"%d","endTimeUnixNano":"%d"%s}'
+_names: dict[str, bytes] = {}
+
+
+def _name_json(name: str) -> bytes:
+    encoded = _names.get(name)
+    if encoded is None:
+        if len(_names) > 1024:  # names are a handful; a caller making them per span stays bounded
+            _names.clear()
+        encoded = _names[name] = orjson.dumps(name).replace(b"%", b"%%")
+    return encoded
+
+
+def encode_spans(entries: Sequence[tuple]) -> bytes:
+    """A worker's spans of one request (or batch): a JSON array of OTLP spans for :func:`fill`.
+
+    Each entry is ``(name, start_ns, end_ns, attributes, parent_index, error)``: ``parent_index`` is
+    an earlier entry's position, or -1 for the request's span (the parent the API process fills in);
+    ``attributes`` a mapping or :func:`attributes_json`; ``error`` ``None``, a description, an
+    exception or its attributes. The ids are this call's own: unique within each trace the spans
+    join, which is all OTLP asks of a span id.
+    """
+    prefix = b"%015x" % (_getrandbits(60) or 1)  # span i's id: the prefix and i's hex digit
+    ids = [prefix + _HEX[i:i + 1] for i in range(len(entries))] if len(entries) <= 16 else \
+        [b"%016x" % ((_getrandbits(64) or 1)) for _ in entries]
+    parts = []
+    for i, (name, start_ns, end_ns, attrs, parent, error) in enumerate(entries):
+        rest = b""
+        if attrs:
+            rest = b',"attributes":' + (attrs if type(attrs) is Encoded else attributes_json(attrs))
+        if error is not None:
+            failed = error_fields({}, error, end_ns)
+            rest += b"," + orjson.dumps(failed)[1:-1].replace(b"%", b"%%")
+        parts.append(_WORKER_SPAN % (ids[i], ids[parent] if parent >= 0 else b"%(p)s", _name_json(name),
+                                     start_ns, end_ns, rest))
+    return b"[%s]" % b",".join(parts)
+
+
+def child_span(spans: bytes, name: bytes, start_ns: int, end_ns: int) -> bytes:
+    """``spans`` (:func:`encode_spans`' array) with one more span under the request's span, appended
+    without re-encoding the others (a worker adds each request's own ``queue.wait`` to its batch's).
+    ``name``: JSON-safe text without ``%``."""
+    sid = b"%016x" % (_getrandbits(64) or 1)
+    return b'%s,{"traceId":"%%(t)s","spanId":"%s","parentSpanId":"%%(p)s","name":"%s","kind":1,' \
+           b'"startTimeUnixNano":"%d","endTimeUnixNano":"%d"}]' % (spans[:-1], sid, name, start_ns, end_ns)
+
+
+def fill(spans: bytes, trace_id: str, parent_id: str, trace_state: str | None) -> bytes:
+    """The spans of :func:`encode_spans` (a JSON array) placed in a trace, under ``parent_id``: the
+    array's elements, comma-separated, ready to join a chunk's other spans."""
+    trace = trace_id.encode()
+    if trace_state:  # the placeholder sits inside "traceId":"..."; the state follows as its own key
+        trace += b'","traceState":"' + orjson.dumps(trace_state)[1:-1]
+    return spans[1:-1] % {b"t": trace, b"p": parent_id.encode()}
+
+
+def sdk_span(span: Any) -> bytes:
+    """A span made through the OpenTelemetry SDK (a ``ReadableSpan``), encoded the same way."""
+    ctx, parent, status = span.context, span.parent, span.status
+    out = span_json(f"{ctx.trace_id:032x}", f"{ctx.span_id:016x}", f"{parent.span_id:016x}" if parent else None,
+                    span.name, span.kind.value + 1, span.start_time, span.end_time, dict(span.attributes or {}),
+                    trace_state=ctx.trace_state.to_header() if ctx.trace_state else None)
+    if status.status_code.value:  # OK (1) or ERROR (2): the same numbers in the SDK and in OTLP
+        out["status"] = {"code": status.status_code.value, "message": status.description or ""}
+    if span.events:
+        out["events"] = [{"timeUnixNano": str(e.timestamp), "name": e.name, "attributes": attributes(e.attributes)}
+                         for e in span.events]
+    if span.links:
+        out["links"] = [{"traceId": f"{ln.context.trace_id:032x}", "spanId": f"{ln.context.span_id:016x}",
+                         "attributes": attributes(ln.attributes)} for ln in span.links]
+    return orjson.dumps(out)
