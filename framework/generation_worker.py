@@ -113,6 +113,7 @@ class GenerationLoop:
         self.live: dict[int, _Live] = {}  # seq id -> request
         self.by_request: dict[str, int] = {}  # request id -> seq id
         self._counted = (0, 0)  # engine token counters already exported
+        self._levers = (0,) * 6  # prefix-cache and speculation counters already exported
 
     # --- frames in -------------------------------------------------------------------------------
     def take(self, raw_messages: list[bytes]) -> None:
@@ -219,7 +220,8 @@ class GenerationLoop:
         admitted = _wall_ns(seq.admitted_at, now_mono, now_ns)
         first = _wall_ns(seq.first_token_at, now_mono, now_ns)
         finished = _wall_ns(seq.finished_at, now_mono, now_ns)
-        prefill = {**self.labels, "gen_ai.usage.input_tokens": out.prompt_tokens}
+        prefill = {**self.labels, "gen_ai.usage.input_tokens": out.prompt_tokens,
+                   "prefix_cache.hit_tokens": seq.prefix_hit_tokens}
         decode = {**self.labels, "gen_ai.usage.output_tokens": out.completion_tokens,
                   "gen_ai.response.finish_reasons": [out.finish_reason]}
         return tracing.encode_spans([("queue.wait", queued, admitted, None, -1, None),
@@ -233,6 +235,14 @@ class GenerationLoop:
         metrics.generation_step(engine.num_running, engine.num_waiting, engine.kv_usage(),
                                 prefill - self._counted[0], decode - self._counted[1])
         self._counted = (prefill, decode)
+        prefix = getattr(engine, "prefix", None)
+        now = ((prefix.query_tokens, prefix.hit_tokens, prefix.evicted_blocks) if prefix is not None else (0, 0, 0)) + (
+            getattr(engine, "spec_drafts", 0), getattr(engine, "spec_draft_tokens", 0),
+            getattr(engine, "spec_accepted_tokens", 0))
+        if now != self._levers:
+            metrics.generation_levers(*(a - b for a, b in zip(now, self._levers, strict=True)),
+                                      None if prefix is None else prefix.num_blocks)
+            self._levers = now
 
     def _send(self, frame: RequestFrame, message: bytes) -> None:
         self.channel.send(frame.reply_to, message)

@@ -58,7 +58,8 @@ def test_hf_causal_lm_loads_and_describes_itself(tiny_lm, tiny_chat_dir):
     assert model.kv_bytes_per_token() == 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (64 // 4) * 4
     assert model.warmup_prompt() == {"messages": [{"role": "user", "content": "Hello"}]}
     assert resolved.batching.engine_config() == EngineConfig(max_num_seqs=16, max_num_batched_tokens=256,
-                                                             max_model_len=1024, max_waiting=64)
+                                                             max_model_len=1024, max_waiting=64,
+                                                             prefix_cache_mb=256, speculative="off")
     assert resolved.batching.max_request_items() == 1
 
 

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-from framework.generation.model import BatchedCausalLM, DecodeBatch, PrefillChunk
+from framework.generation.model import BatchedCausalLM, DecodeBatch, KVCopyable, PrefillChunk
+from framework.generation.prefix_cache import PrefixCache
 from framework.generation.request import (
     EngineConfig,
     FinishReason,
@@ -30,6 +31,7 @@ from framework.generation.sampling import sample_one, sample_rows
 from framework.generation.scheduler import plan_step
 from framework.generation.sequence import Sequence, Status
 from framework.generation.slots import SlotAllocator
+from framework.generation.speculative import propose
 
 
 class GenerationEngine:
@@ -43,8 +45,16 @@ class GenerationEngine:
         if self.config.max_model_len > model.max_model_len:
             problems.append(("max_model_len", f"the model's KV slots hold {model.max_model_len} positions, "
                              f"got {self.config.max_model_len}"))
+        self.prefix: PrefixCache | None = None
+        if self.config.prefix_cache_mb > 0:
+            if isinstance(model, KVCopyable):
+                self.prefix = PrefixCache(model, self.config.prefix_block_size, self.config.prefix_cache_mb * 2**20)
+            else:
+                problems.append(("prefix_cache_mb", f"{type(model).__name__} cannot copy KV between slots (it has "
+                                 "no read_kv/write_kv); set prefix_cache_mb=0"))
         if problems:
             raise ValueError("; ".join(f"{k}: {v}" for k, v in problems))
+        self.ngram = self.config.ngram() if self.config.speculative == "ngram" else None
         self.model = model
         self.tokenizer = tokenizer
         if eos_token_ids is None:
@@ -62,6 +72,10 @@ class GenerationEngine:
         # Tokens run through the model, by phase (the worker exports them as counters).
         self.prefill_tokens = 0
         self.decode_tokens = 0
+        # Speculation: drafts verified, their tokens, and how many of those the model agreed with.
+        self.spec_drafts = 0
+        self.spec_draft_tokens = 0
+        self.spec_accepted_tokens = 0
 
     # --- requests ---------------------------------------------------------------------------------
     def add(self, request: GenerationRequest) -> int:
@@ -144,6 +158,12 @@ class GenerationEngine:
             seq.status = Status.PREFILL
             seq.admitted_at = time.monotonic()
             self._running.append(seq)
+            if self.prefix is not None:
+                # At most prompt_len - 1: the prompt's last token is always run, its logits give the first token.
+                seq.num_cached = seq.prefix_hit_tokens = self.prefix.load(
+                    seq.request.prompt_ids, seq.slot, seq.prompt_len - 1)
+        if self.prefix is not None and plan.admit:  # a hit shortens its prompt's first chunk
+            plan.prefill = [(seq, min(n, seq.prompt_left)) for seq, n in plan.prefill]
         if plan.decode or plan.prefill:
             outputs.extend(self._run(plan.decode, plan.prefill))
 
@@ -155,8 +175,24 @@ class GenerationEngine:
                 self._by_id.pop(seq.seq_id, None)
         return outputs
 
+    def _drafts(self, decode: list[Sequence]) -> tuple[list[Sequence], list[tuple[Sequence, list[int]]]]:
+        """Split decode rows into plain ones and speculated ones (with their drafts)."""
+        if self.ngram is None or len(decode) > self.config.speculative_max_batch:
+            return decode, []
+        plain, verify = [], []
+        for seq in decode:
+            # A draft never writes past the slot, nor guesses beyond max_tokens (the +1 is the bonus token).
+            room = min(seq.request.max_tokens - len(seq.output_ids) - 1, self.config.max_model_len - seq.num_cached - 1)
+            draft = propose(seq.request.prompt_ids + seq.output_ids, self.ngram, room) if room > 0 else []
+            if draft:
+                verify.append((seq, draft))
+            else:
+                plain.append(seq)
+        return plain, verify
+
     def _run(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]]) -> list[StepOutput]:
         """One model forward for the whole step (decode rows and prefill chunks share one weight read)."""
+        decode, verify = self._drafts(decode)
         # Decode rows in slot order: when the slots are 0..B-1 the forward attends through a view.
         decode = sorted(decode, key=lambda s: s.slot)
         batch = None
@@ -165,6 +201,9 @@ class GenerationEngine:
                                 torch.tensor([s.num_cached for s in decode]))
         chunks = [PrefillChunk(seq.slot, torch.tensor(seq.request.prompt_ids[seq.num_cached:seq.num_cached + n]),
                                seq.num_cached) for seq, n in prefill]
+        # A draft runs as a chunk after the row's last token: logits at every position verify it.
+        chunks += [PrefillChunk(seq.slot, torch.tensor([seq.last_token, *draft]), seq.num_cached, len(draft) + 1)
+                   for seq, draft in verify]
         decode_logits, prefill_logits = self.model.forward_step(batch, chunks)
         for seq in decode:
             seq.num_cached += 1
@@ -183,8 +222,42 @@ class GenerationEngine:
         for i, (seq, _) in enumerate(prefill):
             if seq.prompt_left == 0:  # its last chunk: the first token comes from it
                 seq.status = Status.DECODE
+                if self.prefix is not None:
+                    self.prefix.store(seq.request.prompt_ids, seq.slot, seq.num_cached)
                 outputs.append(self._append(seq, sample_one(prefill_logits[i], seq.request.sampling, seq.generator)))
+        row = len(prefill)
+        for seq, draft in verify:
+            outputs.append(self._verify(seq, draft, prefill_logits[row:row + len(draft) + 1]))
+            row += len(draft) + 1
         return outputs
+
+    def _verify(self, seq: Sequence, draft: list[int], logits: torch.Tensor) -> StepOutput:
+        """Keep the draft's longest prefix the model agrees with, plus the model's own next token.
+
+        Position j's token is drawn from logits[j] exactly as a plain decode step would draw it (the same
+        sampler, the same generator), and the draft continues only while it equals that token: greedy
+        output is unchanged, and a seeded request draws the same sequence as without speculation."""
+        accepted: list[int] = []
+        texts: list[str] = []
+        out = None
+        self.spec_drafts += 1
+        self.spec_draft_tokens += len(draft)
+        for j in range(len(draft) + 1):
+            # Position num_cached holds the fed token (last_token, then draft[j-1] == accepted[j-1]).
+            seq.num_cached += 1
+            seq.computed_tokens += 1
+            token = sample_one(logits[j], seq.request.sampling, seq.generator)
+            out = self._append(seq, token)
+            accepted.append(token)
+            texts.append(out.text)
+            if out.finished or j == len(draft) or token != draft[j]:
+                break
+        n = len(accepted)
+        self.spec_accepted_tokens += n - 1
+        self.total_computed_tokens += len(draft) + 1
+        self.decode_tokens += n
+        return StepOutput(seq.seq_id, "".join(texts), out.finished, out.finish_reason, seq.prompt_len,
+                          len(seq.output_ids), tuple(accepted))
 
     def _append(self, seq: Sequence, token: int) -> StepOutput:
         """Record one generated token; returns the text it releases and whether the sequence ended."""
@@ -209,6 +282,9 @@ class GenerationEngine:
         seq.status = Status.FINISHED
         seq.finish_reason = reason
         seq.finished_at = time.monotonic()
+        if self.prefix is not None and seq.slot is not None and reason != "cancelled":
+            # The answer too: a conversation's next turn starts with this one's prompt and reply.
+            self.prefix.store(seq.request.prompt_ids + seq.output_ids, seq.slot, seq.num_cached)
         if seq.slot is not None:
             self._slots.free(seq.slot)
             seq.slot = None

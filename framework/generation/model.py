@@ -20,11 +20,14 @@ class DecodeBatch(NamedTuple):
 
 
 class PrefillChunk(NamedTuple):
-    """``token_ids`` (1-D, n) at positions ``start .. start+n-1`` of ``slot``; earlier ones are cached."""
+    """``token_ids`` (1-D, n) at positions ``start .. start+n-1`` of ``slot``; earlier ones are cached.
+    ``num_logits``: logits of the chunk's last ``num_logits`` tokens are returned (1 for a prompt, whose
+    last token is sampled from; ``n`` for a speculative draft, every position of which is verified)."""
 
     slot: int
     token_ids: torch.Tensor
     start: int
+    num_logits: int = 1
 
 
 @runtime_checkable
@@ -38,5 +41,18 @@ class BatchedCausalLM(Protocol):
                      prefill: list[PrefillChunk]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Run every decode row and prefill chunk of a step together (one read of the weights), writing
         their KV; each row attends only to its own slot up to its position. Returns (logits of the
-        decode rows [B, vocab] or None, logits of each chunk's last token [N, vocab] or None)."""
+        decode rows [B, vocab] or None, logits of each chunk's last ``num_logits`` tokens, chunk after
+        chunk [sum of num_logits, vocab], or None)."""
+        ...
+
+
+@runtime_checkable
+class KVCopyable(Protocol):
+    """A ``BatchedCausalLM`` whose slots' KV can be copied out and back in: what the prefix cache
+    (``framework.generation.prefix_cache``) needs. Optional: without it the prefix cache is refused."""
+
+    def read_kv(self, slot: int, start: int, end: int) -> torch.Tensor:
+        ...
+
+    def write_kv(self, slot: int, start: int, kv: torch.Tensor) -> None:
         ...

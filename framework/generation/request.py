@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from framework.generation.speculative import NgramConfig
+
 FinishReason = Literal["stop", "length", "cancelled"]
+SPECULATIVE_METHODS = ("off", "ngram")
 
 
 class RequestTooLongError(ValueError):
@@ -51,17 +54,38 @@ class EngineConfig:
     max_num_batched_tokens: int = 256  # tokens computed per step: decode rows + prefill chunk(s)
     max_model_len: int = 2048  # prompt + output tokens of one sequence (a KV slot's length)
     max_waiting: int = 256  # requests queued for a slot; beyond it add() raises QueueFullError
+    # Prefix cache (framework/generation/prefix_cache.py): MiB of KV kept for reuse; 0 = off.
+    prefix_cache_mb: int = 0
+    prefix_block_size: int = 16  # tokens per cached block: a hit covers whole blocks of a prompt
+    # Speculative decoding (framework/generation/speculative.py): "off" or "ngram" (prompt lookup).
+    speculative: str = "off"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    # Speculate only while at most this many sequences decode: under load a step is already full of
+    # rows sharing one weight read, and verifying drafts adds compute without saving a read.
+    speculative_max_batch: int = 4
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_waiting"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "max_waiting",
+                     "prefix_block_size", "speculative_max_batch"):
             if getattr(self, name) < 1:
                 out.append((name, f"must be >= 1, got {getattr(self, name)}"))
+        if self.prefix_cache_mb < 0:
+            out.append(("prefix_cache_mb", f"must be >= 0 (0 turns the prefix cache off), got {self.prefix_cache_mb}"))
+        if self.speculative not in SPECULATIVE_METHODS:
+            out.append(("speculative", f"must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.speculative!r}"))
+        elif self.speculative != "off":
+            out.extend(self.ngram().problems())
         if self.max_num_batched_tokens <= self.max_num_seqs:
             # Decode rows come first in a step's budget; with no room left a prompt would never prefill.
             out.append(("max_num_batched_tokens", f"must be > max_num_seqs ({self.max_num_seqs}) so a prefill "
                         f"chunk fits beside a full decode batch, got {self.max_num_batched_tokens}"))
         return out
+
+    def ngram(self) -> NgramConfig:
+        return NgramConfig(self.num_speculative_tokens, self.prompt_lookup_max, self.prompt_lookup_min)
 
 
 @dataclass(frozen=True)

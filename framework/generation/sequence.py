@@ -31,6 +31,7 @@ class Sequence:
     status: Status = Status.WAITING
     slot: int | None = None
     num_cached: int = 0  # positions whose KV is in the slot
+    prefix_hit_tokens: int = 0  # of them, copied from the prefix cache at admission
     computed_tokens: int = 0  # tokens this sequence ran through the model (a cancelled one stops growing)
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None

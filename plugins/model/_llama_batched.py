@@ -117,6 +117,16 @@ class LlamaBatchedForward:
     def kv_cache_bytes(self) -> int:
         return 2 * self.k_cache.numel() * self.k_cache.element_size()
 
+    # --- KV copies for the prefix cache (framework.generation.prefix_cache) -------------------------
+    def read_kv(self, slot: int, start: int, end: int) -> torch.Tensor:
+        """K and V of positions ``start..end-1`` of ``slot``: [2, layers, kv_heads, end - start, hd]."""
+        return torch.stack((self.k_cache[:, slot, :, start:end], self.v_cache[:, slot, :, start:end]))
+
+    def write_kv(self, slot: int, start: int, kv: torch.Tensor) -> None:
+        end = start + kv.shape[3]
+        self.k_cache[:, slot, :, start:end] = kv[0]
+        self.v_cache[:, slot, :, start:end] = kv[1]
+
     # --- compiled decode ---------------------------------------------------------------------------
     def _length_bucket(self, longest: int) -> int:
         n = _MIN_LENGTH_BUCKET
@@ -242,12 +252,13 @@ class LlamaBatchedForward:
             o = torch.cat(outs) if len(outs) > 1 else outs[0]  # [T, heads * hd]
             x = x + attn.o_proj(o[None])
             x = x + layer.mlp(layer.post_attention_layernorm(x))
-        # Logits only where a token is sampled: the lm_head is a large share of the weights.
+        # Logits only where a token is sampled (a prompt's last, a draft's every position): the lm_head
+        # is a large share of the weights.
         last = list(range(b))
         offset = b
         for chunk in prefill:
             offset += chunk.token_ids.shape[0]
-            last.append(offset - 1)
+            last.extend(range(offset - chunk.num_logits, offset))
         logits = self.lm_head(self.norm(x[0, last]))
         if logits.device.type != "cpu":  # sampling (and its per-request CPU generators) runs on the CPU
             logits = logits.float().cpu()
