@@ -329,7 +329,8 @@ def test_the_worker_answers_a_sampled_request_with_its_spans_and_drops_a_malform
     (batch, wait) = orjson.loads(carried)
     assert (batch["name"], batch["startTimeUnixNano"], batch["endTimeUnixNano"]) == ("batch", "10000", "20000")
     assert wait["name"] == "queue.wait" and abs(int(wait["startTimeUnixNano"]) - 5_000) <= 1
-    assert wait["endTimeUnixNano"] == "10000" and wait["parentSpanId"] == batch["parentSpanId"] == "%(p)s"  # filled in later
+    # The request's span is the parent of both: the API process fills its id in.
+    assert wait["endTimeUnixNano"] == "10000" and wait["parentSpanId"] == batch["parentSpanId"] == "%(p)s"
 
 
 def test_a_chunk_that_cannot_be_written_is_logged_and_counted_not_raised_into_the_request(tmp_path, caplog,

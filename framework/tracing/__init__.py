@@ -1,10 +1,10 @@
 """OpenTelemetry tracing for one process, and trace context across the process boundary.
 
-One record shape and one path: a span is an OTLP/JSON ``Span`` dict from the moment it ends
-(``otlp.py``), queued as it is, and exported in chunks as OTLP/JSON ``TracesData`` bytes: a line
-of ``traces.jsonl``, or the body of an OTLP/HTTP POST (``export.py``). The worker's spans of a
-request arrive with its answer already encoded, and are queued as bytes (:func:`record_tree`).
-The exporter's own thread keeps the time: nothing else has to ask for a flush.
+One record shape and one path: a span is OTLP/JSON bytes from the moment it ends (``otlp.py``),
+queued as they are, and exported in chunks as an OTLP/JSON ``TracesData``: a line of
+``traces.jsonl``, or the body of an OTLP/HTTP POST (``export.py``). The worker's spans of a
+request arrive with its answer already encoded (:func:`record_tree`). The exporter's own thread
+keeps the time: nothing else has to ask for a flush.
 
 Why not the SDK's tracer on the request path: on this project's 2-core machine a span through
 ``start_as_current_span`` cost about 80 µs (sampler, context attach, attribute validation, a
@@ -43,6 +43,7 @@ import orjson
 from opentelemetry import trace
 from opentelemetry.context import Context
 
+from framework.tracing import export, otlp
 from framework.tracing.context import (
     ZERO_SPAN_ID,
     ZERO_TRACE_ID,
@@ -53,32 +54,13 @@ from framework.tracing.context import (
     parse_traceparent,
     ratio_sampled,
 )
-from framework.tracing.export import (
-    Exporter,
-    FileSink,
-    GrpcSink,
-    HttpSink,
-    JsonLinesSpanExporter,
-    StreamSink,
-    resource_json,
-)
-from framework.tracing.otlp import (
-    KIND,
-    attributes,
-    attributes_json,
-    child_span,
-    encode_spans,
-    exception_attributes,
-    fill,
-    sdk_span,
-    span_json,
-)
+from framework.tracing.export import Exporter, FileSink, GrpcSink, HttpSink, JsonLinesSpanExporter, StreamSink
+from framework.tracing.otlp import attributes_json, child_span, encode_spans, exception_attributes  # noqa: F401
 
 __all__ = [
     "JsonLinesSpanExporter", "RequestSpan", "SpanRef", "attributes_json", "carrier", "child_span", "context_of",
-    "current", "enabled", "encode_spans", "exception_attributes", "extract_context", "force_flush", "init_tracing",
-    "parse_traceparent", "record", "record_tree", "resolve_path", "sampled_current", "shutdown", "start_request",
-    "tracer",
+    "current", "enabled", "encode_spans", "exception_attributes", "force_flush", "init_tracing", "parse_traceparent",
+    "record", "record_tree", "sampled_current", "shutdown", "start_request", "tracer",
 ]
 
 log = logging.getLogger("hydraserve.tracing")
@@ -119,16 +101,11 @@ def _get(cfg: Any, name: str, default: Any = None) -> Any:
     return cfg.get(name, default) if isinstance(cfg, Mapping) else getattr(cfg, name, default)
 
 
-def resolve_path(path: str, output_dir: str | os.PathLike | None) -> Path:
-    """The file exporter's path: relative paths are under ``output_dir`` (the run's output folder)."""
-    p = Path(os.path.expanduser(path))
-    return Path(output_dir) / p if not p.is_absolute() and output_dir is not None else p
-
-
 def _make_sink(cfg: Any, output_dir: Any) -> Any:
     exporter = _get(cfg, "exporter", "none")
-    if exporter == "file":
-        return FileSink(resolve_path(_get(cfg, "path", "traces.jsonl"), output_dir))
+    if exporter == "file":  # a relative path is under the run's output folder
+        path = Path(os.path.expanduser(_get(cfg, "path", "traces.jsonl")))
+        return FileSink(Path(output_dir) / path if not path.is_absolute() and output_dir is not None else path)
     if exporter == "console":
         return StreamSink()
     if exporter != "otlp":
@@ -184,7 +161,7 @@ def init_tracing(cfg: Any, resource_attributes: Mapping[str, Any] | None = None,
 
         resource = _resource(cfg, resource_attributes)
         sink = _make_sink(cfg, output_dir)
-        exporter = Exporter(sink, resource_json(resource, TRACER_NAME, __version__),
+        exporter = Exporter(sink, export.resource_json(resource, TRACER_NAME, __version__),
                             int(_get(cfg, "max_queue_size", 8192)), float(_get(cfg, "flush_interval_ms", 500)) / 1000,
                             inline=isinstance(sink, FileSink))
         _state = _State(exporter, float(_get(cfg, "sample_ratio", 1.0)), key, resource)
@@ -257,7 +234,7 @@ def tracer() -> trace.Tracer:
         class Processor(SpanProcessor):  # SDK spans, in the one shape, into the same queue
             def on_end(self, span: Any) -> None:
                 if span.context.trace_flags.sampled:
-                    state.exporter.add(sdk_span(span))
+                    state.exporter.add(otlp.sdk_span(span))
 
         provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(state.ratio)),
                                   resource=Resource.create(state.resource), shutdown_on_exit=False)
@@ -278,7 +255,7 @@ _statuses: dict[int, tuple[bytes, bytes]] = {}
 def _encode_start(name: str, attrs: dict) -> tuple:
     if len(_encoded) > 256:  # attributes made per request (not a route's shared dict): a bounded cache
         _encoded.clear()
-    kvs = orjson.dumps(attributes(attrs))[1:-1]
+    kvs = orjson.dumps(otlp.attributes(attrs))[1:-1]
     entry = _encoded[id(attrs)] = (attrs, name, orjson.dumps(name), kvs + b"," if kvs else b"")
     return entry
 
@@ -414,8 +391,9 @@ def record(name: str, parent: SpanRef | None, start_ns: int, end_ns: int, attrib
     if state is None or parent is None or not parent.sampled:
         return None
     sid = new_span_id()
-    state.exporter.add(orjson.dumps(span_json(parent.trace_id, sid, parent.span_id, name, KIND[kind], start_ns,
-                                              end_ns, attributes, error, parent.trace_state)))
+    span = otlp.span_json(parent.trace_id, sid, parent.span_id, name, otlp.KIND[kind], start_ns, end_ns, attributes,
+                          error, parent.trace_state)
+    state.exporter.add(orjson.dumps(span))
     return SpanRef(parent.trace_id, sid, True, parent.trace_state)
 
 
@@ -433,7 +411,7 @@ def record_tree(parent: SpanRef | None, spans: list[tuple] | bytes) -> None:
     if type(spans) is not bytes:
         spans = encode_spans(spans)
     if len(spans) > 2:  # not an empty array
-        state.exporter.add(fill(spans, parent.trace_id, parent.span_id, parent.trace_state))
+        state.exporter.add(otlp.fill(spans, parent.trace_id, parent.span_id, parent.trace_state))
 
 
 # ------------------------------------------------------------------------------------- SDK interoperation
@@ -449,7 +427,3 @@ def context_of(ref: SpanRef | None) -> Context:
     span_context = trace.SpanContext(int(ref.trace_id, 16), int(ref.span_id, 16), ref.remote, flags, state)
     return trace.set_span_in_context(trace.NonRecordingSpan(span_context), _EMPTY_CONTEXT)
 
-
-def extract_context(carrier: Mapping[str, Any] | None) -> Context:
-    """The OpenTelemetry ``Context`` a ``traceparent`` carrier (a dict, or headers) describes."""
-    return context_of(parse_traceparent(carrier))

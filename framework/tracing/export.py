@@ -1,25 +1,20 @@
 """Where finished spans go: one queue per process, drained in chunks of OTLP/JSON into a sink.
 
-The request path appends a span (``otlp.py``'s shape) to :attr:`Exporter.queue` and, once the
-queue holds a chunk, calls :meth:`Exporter.full`. Draining a chunk is one ``orjson.dumps`` of an
-OTLP ``TracesData`` around it, then one ``send`` of those bytes:
+The request path appends a span's bytes (``otlp.py``) to :attr:`Exporter.queue` and, once it holds
+a chunk, calls :meth:`Exporter.full`. Draining a chunk joins its entries inside a ``TracesData``
+(:meth:`Exporter.encode`) and sends those bytes: to ``file`` as one line of ``traces.jsonl`` (one
+``write`` on an ``O_APPEND`` descriptor, so processes sharing the file never interleave inside a
+line; what the Collector's ``otlpjsonfile`` receiver reads); to ``otlp`` over ``http/json`` as the
+body of a POST to ``/v1/traces``; over ``http/protobuf`` or ``grpc`` converted first, on the
+exporter's thread; to ``console`` as a line on stdout.
 
-* ``file``: appended as one line of ``traces.jsonl`` (one ``write`` on an ``O_APPEND`` descriptor, so
-  several processes share the file without interleaving inside a line): what the OpenTelemetry
-  Collector's file exporter writes and its ``otlpjsonfile`` receiver reads.
-* ``otlp`` over HTTP: the same bytes POSTed to ``/v1/traces`` as ``application/json``.
-* ``otlp`` over gRPC or ``http/protobuf``: the same bytes parsed into the protobuf request (the
-  paths that pay per span, on the exporter's thread).
-* ``console``: the same line on stdout.
-
-Who drains: the file is written by the thread that fills a chunk (a write(2) of a few KB; a
-thread woken for each chunk made every request of a saturated ``echo`` server cost ~40 µs more
-CPU on a 2-core machine, GIL hand-offs included). The network and console sinks may block, so
-only the exporter's own thread sends to them, and a full chunk wakes it. That thread also drains
-whatever is queued every ``tracing.flush_interval_ms``, so spans leave under light traffic without
-the serving loops having to ask. Past ``tracing.max_queue_size`` queued entries (a collector
-down or slow), new spans are dropped and counted (``hydraserve_spans_dropped_total``): a request
-never waits for tracing.
+Who drains: the file is written by the thread that fills a chunk (a write of a few KB: a thread
+woken for each chunk made every request of a saturated ``echo`` server cost ~40 µs more CPU on a
+2-core machine, in GIL hand-offs). The network and console may block, so only the exporter's own
+thread sends to them, woken by a full chunk. That thread also drains what is queued every
+``tracing.flush_interval_ms``, so spans leave under light traffic without the serving loops
+asking. Past ``tracing.max_queue_size`` queued entries (a collector down or slow) new spans are
+dropped and counted (``hydraserve_spans_dropped_total``): a request never waits for tracing.
 """
 
 from __future__ import annotations
@@ -285,25 +280,21 @@ class Exporter:
 
 
 class JsonLinesSpanExporter:
-    """An OpenTelemetry SDK ``SpanExporter`` writing the same OTLP/JSON lines, for a client's own
-    tracer (``examples/traced_client.py``): its spans read with the server's in ``hydraserve traces``."""
+    """An OpenTelemetry SDK ``SpanExporter`` writing the same lines, for a client's own tracer
+    (``examples/traced_client.py``): ``hydraserve traces`` reads its spans with the server's."""
 
     def __init__(self, path: str | os.PathLike) -> None:
-        self._sink = FileSink(path)
-        self._lock = threading.Lock()
+        self._sink, self._lock = FileSink(path), threading.Lock()
 
     def export(self, spans: Sequence[Any]) -> Any:
         from opentelemetry.sdk.trace.export import SpanExportResult
 
-        groups: dict[tuple, list] = {}
-        for s in spans:
-            scope = s.instrumentation_scope
-            key = (id(s.resource), scope.name if scope else "", scope.version if scope else "")
-            groups.setdefault(key, [s.resource]).append(sdk_span(s))
         with self._lock:
-            for (_, name, version), (resource, *group) in groups.items():
-                head = resource_json(dict(resource.attributes), name, version or "")
-                self._sink.send(b"%s[%s]}]}]}\n" % (head, b",".join(group)))
+            for s in spans:  # a line per span, with its resource and scope: a client exports a few
+                scope = s.instrumentation_scope
+                head = resource_json(dict(s.resource.attributes), getattr(scope, "name", ""),
+                                     getattr(scope, "version", None) or "")
+                self._sink.send(b"%s[%s]}]}]}\n" % (head, sdk_span(s)))
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:

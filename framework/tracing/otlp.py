@@ -125,7 +125,7 @@ def encode_spans(entries: Sequence[tuple]) -> bytes:
     """
     prefix = b"%015x" % (_getrandbits(60) or 1)  # span i's id: the prefix and i's hex digit
     ids = [prefix + _HEX[i:i + 1] for i in range(len(entries))] if len(entries) <= 16 else \
-        [b"%016x" % ((_getrandbits(64) or 1)) for _ in entries]
+        [b"%016x" % (_getrandbits(64) or 1) for _ in entries]
     parts = []
     for i, (name, start_ns, end_ns, attrs, parent, error) in enumerate(entries):
         rest = b""
