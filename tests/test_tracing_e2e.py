@@ -69,7 +69,7 @@ def test_every_line_of_a_real_servers_file_is_otlp_json_any_opentelemetry_tool_r
     from opentelemetry.proto.trace.v1.trace_pb2 import TracesData
 
     trace_id = "44444444444444444444444444444444"
-    r = httpx.post(traced.url + "/predict", json={"input": [0.5] * 8},
+    r = httpx.post(traced.url + "/predict", json={"input": [0.125] * 8},  # a cache miss: the worker's spans too
                    headers={"traceparent": f"00-{trace_id}-4444444444444444-01", "tracestate": "vendor=%41"})
     assert r.status_code == 200
     assert len(_read_spans(traced.output_dir, trace_id, want=7)) >= 7
