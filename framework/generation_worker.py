@@ -21,6 +21,7 @@ from framework import metrics, tracing
 from framework.errors import RequestError
 from framework.generation import (
     EngineConfig,
+    EngineLike,
     GenerationEngine,
     GenerationRequest,
     QueueFullError,
@@ -50,7 +51,7 @@ def _ms(start: float) -> float:
 
 
 def prepare_generation(model: GenerativeModelPlugin, quantization: QuantizationPlugin, hardware: HardwarePlugin,
-                       device: str, config: EngineConfig) -> tuple[GenerationEngine, dict]:
+                       device: str, config: EngineConfig) -> tuple[EngineLike, dict]:
     """Load ``model``, build its engine and warm it up; returns the engine and the start-up report."""
     started = time.perf_counter()
     report: dict[str, Any] = {"device": str(device), "quantization": quantization.scheme_name,
@@ -59,6 +60,11 @@ def prepare_generation(model: GenerativeModelPlugin, quantization: QuantizationP
     hardware.setup_process()
     report["setup_ms"] = _ms(t)
     t = time.perf_counter()
+    own = model.generation_engine(str(device), config)  # a model's own engine (vLLM), or None
+    if own is not None:
+        report.update(load_ms=_ms(t), engine=getattr(own, "name", type(own).__name__),
+                      **getattr(own, "report", {}))
+        return _warm_up(own, model, config, report, started)
     model.load(device)
     report["load_ms"] = _ms(t)
     if not quantization.is_identity():
@@ -77,6 +83,11 @@ def prepare_generation(model: GenerativeModelPlugin, quantization: QuantizationP
                   max_model_len=config.max_model_len, max_waiting=config.max_waiting,
                   kv_cache_mib=None if per_token is None else
                   round(per_token * config.max_num_seqs * config.max_model_len / 2**20, 1))
+    return _warm_up(engine, model, config, report, started)
+
+
+def _warm_up(engine: EngineLike, model: GenerativeModelPlugin, config: EngineConfig, report: dict,
+             started: float) -> tuple[EngineLike, dict]:
     # One short generation: the first request's prefill and decode then find warm kernels and caches.
     t = time.perf_counter()
     ids = model.prompt_ids(model.warmup_prompt())[: max(1, config.max_model_len - 2)]

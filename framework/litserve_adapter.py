@@ -32,6 +32,7 @@ loop's ``__call__`` with its own arguments in each spawned worker.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import multiprocessing as mp
 import threading
@@ -73,7 +74,17 @@ INTERNALS: tuple[tuple[str, str, tuple[str, ...] | None], ...] = (
     ("LitLoop", "pre_setup", ("self", "lit_api", "spec")),
     ("module", "litserve.transport.factory.create_transport_from_config", None),
     ("module", "litserve.utils.WorkerSetupStatus", None),
+    ("module", "litserve.server._MCP_AVAILABLE", None),
 )
+
+# LitServe 0.2.19 turns its MCP endpoint on when the ``mcp`` package is importable, but defines the
+# names it builds it from only when ``fastmcp`` is importable too: with ``mcp`` alone (vLLM depends on
+# it, so ``hydraserve[vllm]`` installs it) every start fails with ``NameError: MCPServer``.
+# hydraserve registers no MCP endpoints, so it is off unless LitServe could actually build one.
+if importlib.util.find_spec("fastmcp") is None:
+    import litserve.server as _litserve_server
+
+    _litserve_server._MCP_AVAILABLE = False
 
 
 class HydraLoopBase(LitLoop):

@@ -211,6 +211,15 @@ class GenerativeModelPlugin(ModelPlugin):
         """Bytes of KV cache one token position takes (for the start-up report); ``None`` if unknown."""
         return None
 
+    def generation_engine(self, device: str, config: Any) -> Any | None:
+        """An engine of the model's own (e.g. vLLM's), built in the worker instead of loading the
+        weights and stepping ``framework.generation.GenerationEngine`` over ``batched_forward``.
+        ``config`` is the ``batching=continuous`` ``EngineConfig``. Return ``None`` (the default) for
+        the framework's engine. The engine must implement ``framework.generation.EngineLike`` (the
+        worker loop's admission, cancels, deadlines, metrics and spans then work unchanged), and this
+        method must set ``self.tokenizer`` so ``prompt_ids`` works."""
+        return None
+
     def warmup_prompt(self) -> dict:
         """A prompt generated once at start-up so the first request does not pay for cold paths."""
         return {"text": "Hello"}

@@ -31,15 +31,15 @@ def build_chat_tokenizer():
     return tokenizer
 
 
-def build_chat_model(tokenizer):
+def build_chat_model(tokenizer, **shape):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    dims = {"num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256, **shape}
     cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                       initializer_range=0.2, eos_token_id=None, bos_token_id=None,
-                      pad_token_id=tokenizer.convert_tokens_to_ids(EOS))
+                      pad_token_id=tokenizer.convert_tokens_to_ids(EOS), **dims)
     model = LlamaForCausalLM(cfg).eval()
     # generation_config's EOS differs from the tokenizer's, so a plugin must merge both.
     model.generation_config.eos_token_id = tokenizer.convert_tokens_to_ids(EOS)
@@ -53,5 +53,20 @@ def write_tiny_chat_model(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer = build_chat_tokenizer()
     build_chat_model(tokenizer).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+#: vLLM's CPU attention takes head sizes 32, 64, 80, ... (not this model's 16): 2 heads of 32, and
+#: positions for the chat tests' max_model_len (vLLM refuses one beyond max_position_embeddings).
+VLLM_SHAPE = {"num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 16384}
+
+
+def write_tiny_vllm_chat_model(folder: Path) -> Path:
+    """The tiny chat model (same tokenizer and chat template) in a shape vLLM can load."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_chat_tokenizer()
+    build_chat_model(tokenizer, **VLLM_SHAPE).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder

@@ -14,6 +14,7 @@ Example::
 """
 
 from framework.generation.engine import GenerationEngine
+from framework.generation.interface import EngineLike
 from framework.generation.model import BatchedCausalLM, DecodeBatch, PrefillChunk
 from framework.generation.request import (
     EngineConfig,
@@ -29,6 +30,7 @@ __all__ = [
     "BatchedCausalLM",
     "DecodeBatch",
     "EngineConfig",
+    "EngineLike",
     "FinishReason",
     "GenerationEngine",
     "GenerationRequest",

@@ -10,13 +10,15 @@ that have one, and any other architecture is refused with that list.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from framework import GenerativeModelPlugin, RequestError
+from framework import CheckContext, GenerativeModelPlugin, RequestError
+from plugins.model._vllm_engine import VllmOptions
 
 DTYPES = ("float32", "bfloat16", "float16")
+ENGINES = ("native", "vllm")
 
 
 def _llama_forward(model: Any, max_num_seqs: int, max_model_len: int, compile_mode: str = "off") -> Any:
@@ -42,6 +44,9 @@ class CausalLMConfig:
     dtype: str = "float32"  # weights and KV cache: float32, bfloat16 or float16 (GGUF is dequantized to it)
     served_name: str = ""  # the model id /v1/models lists and responses carry ("" = the plugin's default)
     max_prompt_chars: int = 32_000  # characters of one prompt (all messages' contents together); 413 above
+    # native: hydraserve's engine (framework/generation/); vllm: vLLM's, in the worker process (model.vllm.*)
+    engine: str = "native"
+    vllm: VllmOptions = field(default_factory=VllmOptions)
 
     def problems(self) -> list[tuple[str, str]]:
         out = []
@@ -49,6 +54,9 @@ class CausalLMConfig:
             out.append(("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}"))
         if self.max_prompt_chars < 1:
             out.append(("max_prompt_chars", f"must be >= 1, got {self.max_prompt_chars}"))
+        if self.engine not in ENGINES:
+            out.append(("engine", f"must be one of {', '.join(ENGINES)}, got {self.engine!r}"))
+        out.extend((f"vllm.{k}", m) for k, m in self.vllm.problems())
         return out
 
 
@@ -99,7 +107,73 @@ class CausalLMPlugin(GenerativeModelPlugin):
         ident: dict[str, Any] = {"model": self.served_name(), "path": str(path), "dtype": self.config.dtype}
         if gguf_file is not None:
             ident["gguf_file"] = gguf_file
+        if self.config.engine != "native":  # another engine's numerics: another cached answer
+            ident["engine"] = self.config.engine
+            ident["vllm_quantization"] = self.config.vllm.quantization
         return ident
+
+    def check(self, ctx: CheckContext) -> list[str]:
+        found = super().check(ctx)
+        if self.config.engine != "vllm":
+            return found
+        from plugins.model._vllm_engine import vllm_missing
+
+        why = vllm_missing()
+        if why is not None:
+            found.append(f"engine: {why}")
+        q = ctx.quantization
+        if q is not None and not q.is_identity():
+            found.append(f"quantization: quantization={q.scheme_name} rewrites hydraserve's own engine; with "
+                         "model.engine=vllm use quantization=none, and model.vllm.quantization for a "
+                         "pre-quantized checkpoint (or model.dtype=bfloat16)")
+        engine_config = ctx.batching.engine_config() if ctx.batching is not None else None
+        if getattr(engine_config, "speculative", "off") != "off":
+            found.append("batching.speculative: the native engine's speculative decoding does not apply to "
+                         "model.engine=vllm; set batching.speculative=off")
+        path, gguf_file = self.source()
+        if gguf_file is not None and not getattr(self.config, "weights_cache_dir", None):
+            found.append("weights_cache_dir: model.engine=vllm loads the GGUF's dequantized safetensors from "
+                         "model.weights_cache_dir; set it to a folder (e.g. ~/.cache/hydraserve/models)")
+        return found
+
+    # --- the vLLM engine (model.engine=vllm) -------------------------------------------------------
+    def vllm_model_dir(self) -> Path:
+        """The folder vLLM loads: the HF folder itself, or a GGUF's dequantized safetensors (written
+        here on first use, as the native engine's load does)."""
+        from plugins.model._causal_lm import load_causal_lm
+
+        path, gguf_file = self.source()
+        cached = self._dequantized_folder(path, gguf_file)
+        if gguf_file is None:
+            return path
+        if cached is None:
+            raise ValueError("model.engine=vllm needs model.weights_cache_dir for a GGUF model")
+        if not (cached / _READY).is_file():
+            tokenizer, model = load_causal_lm(path, gguf_file, dtype=self.torch_dtype())
+            _save_dequantized(tokenizer, model, cached)
+            del model
+            if not (cached / _READY).is_file():
+                raise ValueError(f"could not write the dequantized weights vLLM loads into {cached}")
+        return cached
+
+    def generation_engine(self, device: str, config: Any) -> Any | None:
+        if self.config.engine != "vllm":
+            return None
+        from plugins.model._causal_lm import transformers_importable
+        from plugins.model._vllm_engine import VllmEngine, import_vllm
+
+        import_vllm()  # first: it hides the media packages transformers would otherwise probe
+        folder = self.vllm_model_dir()
+        with transformers_importable():
+            from transformers import AutoTokenizer, GenerationConfig
+
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            try:
+                self._generation_config = GenerationConfig.from_pretrained(str(folder), local_files_only=True)
+            except (OSError, ValueError):
+                self._generation_config = None
+        self.device = device
+        return VllmEngine.build(str(folder), self.config.dtype, self.config.vllm, config, self.eos_token_ids())
 
     # --- inference worker ------------------------------------------------------------------------
     def torch_dtype(self) -> Any:
@@ -175,7 +249,7 @@ class CausalLMPlugin(GenerativeModelPlugin):
         ids: list[int] = []
         eos = getattr(self.tokenizer, "eos_token_id", None)
         candidates: list[Any] = [eos]
-        gen = getattr(self.module, "generation_config", None)
+        gen = getattr(self.module, "generation_config", None) or getattr(self, "_generation_config", None)
         gen_eos = getattr(gen, "eos_token_id", None)
         candidates += gen_eos if isinstance(gen_eos, (list, tuple)) else [gen_eos]
         for t in candidates:

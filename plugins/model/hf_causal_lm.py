@@ -1,6 +1,6 @@
 """``model=hf_causal_lm model.path=/local/hf/folder``: any local Hugging Face causal LM (config.json,
 weights and tokenizer files) served on the OpenAI routes under ``batching=continuous``; offline.
-The architecture must have a batched forward (``model_type: llama`` for now)."""
+The architecture must have a batched forward (``model_type: llama`` for now) unless ``model.engine=vllm``."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ class HfCausalLM(CausalLMPlugin):
         elif not (folder / "config.json").is_file():
             found.append(f"path: {self.config.path} has no config.json; point model.path at the folder "
                          "save_pretrained wrote (config.json, tokenizer files and weights)")
-        else:
+        elif self.config.engine == "native":  # vLLM brings its own architectures (it names what it lacks)
             model_type = folder_model_type(folder)
             why = unsupported_architecture(model_type)
             if why is not None:

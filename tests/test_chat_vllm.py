@@ -1,0 +1,121 @@
+"""The chat suite (tests/test_chat_e2e.py) against ``model.engine=vllm``: the same cases, the same
+official ``openai`` client, on servers whose worker runs vLLM in process. Plus what is vLLM's own:
+its knobs validated before start, a cache hit that never reaches vLLM, the start-up report.
+
+The vLLM cases need vLLM installed (``make install-vllm`` makes ``.venv-vllm``; ``make test`` runs this
+file there); elsewhere they are skipped, saying so. The validation cases run everywhere.
+"""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+import test_chat_e2e as cases
+
+from plugins.model._vllm_engine import engine_args, vllm_missing
+
+WHY_NOT = vllm_missing()
+needs_vllm = pytest.mark.skipif(WHY_NOT is not None, reason=WHY_NOT or "")
+
+# enforce_eager: no torch.compile of the tiny model (start-up in seconds, and CI has 2 cores);
+# a small KV cache: the chat cases need 4 x 16384 positions at most.
+VLLM = ["model.engine=vllm", "model.vllm.enforce_eager=true", "model.vllm.kv_cache_gib=0.25"]
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tmp_path_factory):
+    """The tiny chat model in a shape vLLM loads (the cases read its tokenizer from here too)."""
+    from tiny_chat_model import write_tiny_vllm_chat_model
+
+    return write_tiny_vllm_chat_model(tmp_path_factory.mktemp("tiny_vllm_chat"))
+
+
+def _serve(serve_module, tiny_chat_dir, *overrides):
+    return serve_module(["model=hf_causal_lm", f"model.path={tiny_chat_dir}", "model.served_name=tiny_chat",
+                         *VLLM, *overrides])
+
+
+@pytest.fixture(scope="module")
+def chat(serve_module, tiny_chat_dir):
+    return _serve(serve_module, tiny_chat_dir, "batching.max_num_seqs=4", "batching.max_model_len=16384",
+                  "cache=none", "tracing=file")
+
+
+@pytest.fixture(scope="module")
+def one_slot(serve_module, tiny_chat_dir):
+    return _serve(serve_module, tiny_chat_dir, "batching.max_num_seqs=1", "batching.max_num_batched_tokens=64",
+                  "batching.max_waiting=1", "batching.max_model_len=16384", "cache=none", "tracing=none")
+
+
+@pytest.fixture(scope="module")
+def cached_chat(serve_module, tiny_chat_dir):
+    return _serve(serve_module, tiny_chat_dir, "cache=memory", "tracing=none")
+
+
+# Every case of the native suite, collected here with the fixtures above (vLLM servers).
+for _name in dir(cases):
+    if _name.startswith("test_"):
+        globals()[_name] = needs_vllm(getattr(cases, _name))
+
+
+@needs_vllm
+def test_the_worker_runs_vllm(chat):
+    engine = httpx.get(chat.url + "/info", timeout=10).json()["engine"][0]
+    assert engine["engine"] == "vllm" and engine["vllm_version"]
+    assert engine["vllm_args"]["max_num_seqs"] == 4 and engine["vllm_args"]["max_model_len"] == 16384
+
+
+@needs_vllm
+def test_a_repeated_deterministic_request_never_reaches_vllm(cached_chat):
+    body = {"messages": [{"role": "user", "content": "the quick brown fox"}], "max_tokens": 6, "temperature": 0}
+    url = cached_chat.url + "/v1/chat/completions"
+    first = httpx.post(url, json=body, timeout=60)
+    assert first.status_code == 200 and first.headers["x-cache"] == "miss"
+    before = cases.metric_samples(cached_chat)
+    for _ in range(3):
+        hit = httpx.post(url, json=body, timeout=60)
+        assert hit.headers["x-cache"] == "hit" and hit.json()["choices"] == first.json()["choices"]
+    after = cases.metric_samples(cached_chat)
+    # Neither a prompt token nor a generated one: vLLM saw none of the three.
+    for name in ("hydraserve_prompt_tokens_total", "hydraserve_generation_tokens_total",
+                 "hydraserve_request_prompt_tokens_count"):
+        assert after[name] == before[name], name
+
+
+# --- validated before start (no vLLM needed) ------------------------------------------------------------
+def _problems(overrides: list[str]) -> str:
+    from framework.config import compose, validate
+    from framework.errors import ConfigError
+
+    try:
+        validate(compose(overrides))
+    except ConfigError as exc:
+        return str(exc)
+    return ""
+
+
+def test_bad_vllm_knobs_are_refused_naming_the_field():
+    text = _problems(["model=smollm2", "model.engine=vlm", "model.vllm.kv_cache_gib=0", "model.vllm.block_size=10"])
+    assert "model.engine: must be one of native, vllm, got 'vlm'" in text
+    assert "model.vllm.kv_cache_gib: must be > 0" in text
+    assert "model.vllm.block_size: must be a positive multiple of 16" in text
+
+
+def test_engine_vllm_refuses_what_it_cannot_run(tiny_chat_dir):
+    text = _problems(["model=hf_causal_lm", f"model.path={tiny_chat_dir}", "model.engine=vllm",
+                      "quantization=int8_weight_only", "batching.speculative=ngram"])
+    assert "quantization: quantization=" in text and "model.vllm.quantization" in text
+    assert "batching.speculative" in text
+    if WHY_NOT is not None:  # and without vLLM installed, validate says how to install it
+        assert "pip install 'hydraserve[vllm]'" in text and "model.engine=native" in text
+
+
+def test_the_batching_budgets_are_vllms_scheduler_limits():
+    from framework.generation import EngineConfig
+    from plugins.model._vllm_engine import VllmOptions
+
+    args = engine_args("/m", "float32", VllmOptions(kv_cache_gib=0.5, quantization="awq"),
+                       EngineConfig(max_num_seqs=8, max_num_batched_tokens=512, max_model_len=4096))
+    assert args["max_num_seqs"] == 8 and args["max_num_batched_tokens"] == 512 and args["max_model_len"] == 4096
+    assert args["kv_cache_memory_bytes"] == 2**29 and args["quantization"] == "awq"
+    assert args["enable_prefix_caching"] is True and "block_size" not in args
