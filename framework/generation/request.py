@@ -76,8 +76,7 @@ class EngineConfig:
             out.append(("prefix_cache_mb", f"must be >= 0 (0 turns the prefix cache off), got {self.prefix_cache_mb}"))
         if self.speculative not in SPECULATIVE_METHODS:
             out.append(("speculative", f"must be one of {', '.join(SPECULATIVE_METHODS)}, got {self.speculative!r}"))
-        elif self.speculative != "off":
-            out.extend(self.ngram().problems())
+        out.extend(self.ngram().problems())  # checked while off too: turning it on must not fail later
         if self.max_num_batched_tokens <= self.max_num_seqs:
             # Decode rows come first in a step's budget; with no room left a prompt would never prefill.
             out.append(("max_num_batched_tokens", f"must be > max_num_seqs ({self.max_num_seqs}) so a prefill "
