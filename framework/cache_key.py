@@ -87,15 +87,19 @@ def canonical_json(value: Any) -> bytes:
         raise TypeError(str(exc.__cause__ or exc)) from exc
 
 
-def cache_scope(model_identity: dict, quantization: dict, preprocessing: dict) -> str:
+def cache_scope(model_identity: dict, quantization: dict, preprocessing: dict, numerics: dict | None = None) -> str:
     """Digest of the server-side configuration an answer depends on (see the module docstring).
 
     ``model_identity`` is ``ModelPlugin.identity()`` (must include the weights fingerprint),
     ``quantization`` the quantization group node (plugin ``name`` and parameters), and
     ``preprocessing`` the model group node (tokenizer length, normalisation, buckets, ...).
+    ``numerics``: what the hardware plugin does to the numbers besides quantization (another runtime,
+    its own int8, from its ``numerics()``); empty or ``None`` leaves the scope as it always was.
     """
     payload = {"v": KEY_VERSION, "model": model_identity, "quantization": quantization,
                "preprocessing": preprocessing}
+    if numerics:
+        payload["hardware"] = numerics
     return _digest(canonical_json(payload))
 
 

@@ -83,7 +83,11 @@ class Gateway:
         self.streams = self.model.streaming()
         if self.cache_on:
             self.cache.open()
-            self.scope = cache_scope(self.model.identity(), self.r.raw["quantization"], self.r.raw["model"])
+            # a hardware plugin that changes the numbers itself (hardware.runtime=onnxruntime with its int8)
+            # says so through numerics(): answers computed that way never share entries with torch's
+            numerics = getattr(self.r.hardware, "numerics", None)
+            self.scope = cache_scope(self.model.identity(), self.r.raw["quantization"], self.r.raw["model"],
+                                     numerics() if callable(numerics) else None)
         await self.dispatcher.start(consumer_id)
         tune_gc(self.server.gc_freeze, self.server.gc_thresholds)  # start-up is done in this process
 

@@ -100,7 +100,8 @@ def test_validate_refuses_bad_runtime_settings(tmp_path):
     assert result.returncode == 2
     assert "hardware.runtime: must be one of torch, onnxruntime, got 'tensorflow'" in result.stderr
 
-    result = hydraserve("validate", "experiment=cpu_low_latency", "hardware.runtime=onnxruntime", cwd=tmp_path)
+    result = hydraserve("validate", "hardware=cpu", "quantization=int8_dynamic", "hardware.compile=default",
+                        "hardware.cpp_wrapper=true", "hardware.runtime=onnxruntime", cwd=tmp_path)
     assert result.returncode == 2
     assert "hardware.compile: torch.compile does not run under hardware.runtime=onnxruntime" in result.stderr
     assert "hardware.cpp_wrapper:" in result.stderr
@@ -111,6 +112,8 @@ def test_validate_refuses_bad_runtime_settings(tmp_path):
     assert "hardware.onnx_int8: only applies with hardware.runtime=onnxruntime" in result.stderr
 
     result = hydraserve("validate", "hardware=cpu", "hardware.runtime=onnxruntime", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    result = hydraserve("validate", "experiment=cpu_low_latency", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
 
 
@@ -138,3 +141,17 @@ def test_validate_names_the_missing_package(tmp_path):
     assert result.returncode == 2
     assert "hardware.runtime: onnxruntime needs the package(s) onnxruntime" in result.stderr
     assert "pip install 'hydraserve[onnx]'" in result.stderr
+
+
+def test_int8_answers_never_share_cache_entries_with_torch():
+    from framework.cache_key import cache_scope
+    from plugins.hardware.cpu import CpuHardware
+
+    def scope(**settings) -> str:
+        hw = CpuHardware(CpuHardware.Config(**settings))
+        return cache_scope({"model": "m", "weights": "w"}, {"name": "none"}, {"max_length": 256}, hw.numerics())
+
+    plain = cache_scope({"model": "m", "weights": "w"}, {"name": "none"}, {"max_length": 256})
+    assert scope() == plain  # torch (eager or compiled): existing cache entries stay valid
+    assert scope(runtime="onnxruntime") != plain
+    assert scope(runtime="onnxruntime", onnx_int8=True) not in (plain, scope(runtime="onnxruntime"))

@@ -55,7 +55,11 @@ class EngineConfig:
     onnx_int8_exclude: list[str] = field(default_factory=list)  # fnmatch patterns of ONNX node names kept fp32
     onnx_min_quality: float | None = 0.99  # worst calibration quality (cosine) of ORT vs torch outputs
     onnx_providers: list[str] | None = None  # None: TensorRT, CUDA (on a GPU, where installed), then CPU
-    onnx_spinning: bool = True  # ORT's intra-op threads spin between ops (its default)
+    # Intra-op threads waiting for work spin (OpenMP ACTIVE, ORT allow_spinning) or sleep (false): spinning
+    # answers a few µs sooner on an idle machine, but when another process shares the cores a spinning
+    # thread burns the time slice its peer needs and every parallel region waits for it (MiniLM fp32,
+    # 2 threads, load ~6: 395 ms spinning against 44 ms passive; benchmarks/results/e2e_latency.md).
+    spin_wait: bool = False
 
     def __post_init__(self) -> None:
         value = str(self.compile).strip()
@@ -198,11 +202,27 @@ class EngineHardware(HardwarePlugin):
                          "set hardware.runtime=torch")
         return found
 
+    def numerics(self) -> dict:
+        """What this engine does to the numbers besides quantization, for the response-cache scope
+        (``framework.cache_key.cache_scope``): empty for torch (compiled or not, the same math)."""
+        cfg = self.config
+        if cfg.runtime == "torch":
+            return {}
+        return {"runtime": cfg.runtime, "onnx_int8": cfg.onnx_int8,
+                "onnx_int8_exclude": sorted(cfg.onnx_int8_exclude) if cfg.onnx_int8 else []}
+
     def config_name(self) -> str:
         return type(self).__module__.rsplit(".", 1)[-1]
 
     # --- worker process ----------------------------------------------------------------------
     def setup_process(self) -> None:
+        import sys
+
+        if "torch" in sys.modules:
+            log.warning("torch was imported before hardware.setup_process: OMP_WAIT_POLICY (hardware.spin_wait) "
+                        "is read when OpenMP loads and has no effect now")
+        # libgomp reads it once, when torch loads it; a value the user exported wins
+        os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE" if self.config.spin_wait else "PASSIVE")
         import torch
 
         if self.config.threads:
