@@ -163,8 +163,25 @@ def is_rewritten(module: Any) -> bool:
                for p in module.parameters())
 
 
+# What the user exported before the server started: it wins over hardware.spin_wait.
+_USER_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
+
+
+def apply_wait_policy(spin: bool) -> None:
+    """``OMP_WAIT_POLICY`` for the worker processes this process will spawn (``hardware.spin_wait``)."""
+    if _USER_WAIT_POLICY is None:
+        os.environ["OMP_WAIT_POLICY"] = "ACTIVE" if spin else "PASSIVE"
+
+
 class EngineHardware(HardwarePlugin):
     Config = EngineConfig
+
+    def __init__(self, config: Any | None = None):
+        super().__init__(config)
+        # libgomp reads OMP_WAIT_POLICY once, when torch first loads it, and a worker imports torch while
+        # it validates its config (hardware=auto asks torch for a GPU), before any hook of ours runs: so the
+        # variable is set here, when the server's main process validates, and spawned workers inherit it.
+        apply_wait_policy(bool(self.config.spin_wait))
 
     def devices(self) -> int | str:
         return self.config.devices if self.config.devices is not None else "auto"
@@ -216,13 +233,6 @@ class EngineHardware(HardwarePlugin):
 
     # --- worker process ----------------------------------------------------------------------
     def setup_process(self) -> None:
-        import sys
-
-        if "torch" in sys.modules:
-            log.warning("torch was imported before hardware.setup_process: OMP_WAIT_POLICY (hardware.spin_wait) "
-                        "is read when OpenMP loads and has no effect now")
-        # libgomp reads it once, when torch loads it; a value the user exported wins
-        os.environ.setdefault("OMP_WAIT_POLICY", "ACTIVE" if self.config.spin_wait else "PASSIVE")
         import torch
 
         if self.config.threads:
