@@ -154,6 +154,7 @@ class CausalLMPlugin(GenerativeModelPlugin):
             del model
             if not (cached / _READY).is_file():
                 raise ValueError(f"could not write the dequantized weights vLLM loads into {cached}")
+        _drop_gguf_quantization_config(cached / "config.json")
         return cached
 
     def generation_engine(self, device: str, config: Any) -> Any | None:
@@ -278,6 +279,21 @@ class CausalLMPlugin(GenerativeModelPlugin):
         if getattr(self.tokenizer, "chat_template", None):
             return {"messages": [{"role": "user", "content": "Hello"}]}
         return {"text": "Hello"}
+
+
+def _drop_gguf_quantization_config(config_json: Path) -> None:
+    """transformers keeps ``quantization_config: {quant_method: gguf}`` in a GGUF-loaded model's config, and
+    vLLM refuses the folder for it (``Unknown quantization method: gguf``), though the saved tensors are
+    plain dequantized ones: drop it (atomically; idempotent)."""
+    import os
+
+    cfg = json.loads(config_json.read_text())
+    if (cfg.get("quantization_config") or {}).get("quant_method") != "gguf":
+        return
+    del cfg["quantization_config"]
+    tmp = config_json.with_name(f"config.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(cfg, indent=2) + "\n")
+    os.replace(tmp, config_json)
 
 
 def folder_model_type(folder: Path) -> Any:
