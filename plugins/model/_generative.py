@@ -44,6 +44,9 @@ class CausalLMConfig:
     dtype: str = "float32"  # weights and KV cache: float32, bfloat16 or float16 (GGUF is dequantized to it)
     served_name: str = ""  # the model id /v1/models lists and responses carry ("" = the plugin's default)
     max_prompt_chars: int = 32_000  # characters of one prompt (all messages' contents together); 413 above
+    # The quantization quality gate's floor (framework/generation/quality.py): greedy token agreement of the
+    # quantized model with the full-precision one. None measures without refusing.
+    min_token_agreement: float | None = 0.9
     # native: hydraserve's engine (framework/generation/); vllm: vLLM's, in the worker process (model.vllm.*)
     engine: str = "native"
     vllm: VllmOptions = field(default_factory=VllmOptions)
@@ -54,6 +57,8 @@ class CausalLMConfig:
             out.append(("dtype", f"must be one of {', '.join(DTYPES)}, got {self.dtype!r}"))
         if self.max_prompt_chars < 1:
             out.append(("max_prompt_chars", f"must be >= 1, got {self.max_prompt_chars}"))
+        if self.min_token_agreement is not None and not 0.0 <= self.min_token_agreement <= 1.0:
+            out.append(("min_token_agreement", f"must be in [0, 1] (null: no floor), got {self.min_token_agreement}"))
         if self.engine not in ENGINES:
             out.append(("engine", f"must be one of {', '.join(ENGINES)}, got {self.engine!r}"))
         out.extend((f"vllm.{k}", m) for k, m in self.vllm.problems())
@@ -155,6 +160,7 @@ class CausalLMPlugin(GenerativeModelPlugin):
             if not (cached / _READY).is_file():
                 raise ValueError(f"could not write the dequantized weights vLLM loads into {cached}")
         _drop_gguf_quantization_config(cached / "config.json")
+        _untie_embedding_key(cached)
         return cached
 
     def generation_engine(self, device: str, config: Any) -> Any | None:
@@ -294,6 +300,31 @@ def _drop_gguf_quantization_config(config_json: Path) -> None:
     tmp = config_json.with_name(f"config.json.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(cfg, indent=2) + "\n")
     os.replace(tmp, config_json)
+
+
+def _untie_embedding_key(folder: Path) -> None:
+    """safetensors' ``save_model`` keeps one name of tied tensors, here ``lm_head.weight``; vLLM, with
+    ``tie_word_embeddings``, skips ``lm_head.weight`` and loads ``model.embed_tokens.weight``, so without
+    it every answer is ``<|endoftext|>``. Store the tensor under the embedding's name (the usual HF
+    layout, which transformers loads and ties as well). Atomic; idempotent."""
+    import os
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cfg = json.loads((folder / "config.json").read_text())
+    weights = folder / "model.safetensors"
+    if not cfg.get("tie_word_embeddings") or not weights.is_file():
+        return
+    with safe_open(str(weights), "pt") as f:
+        keys = set(f.keys())
+        if "model.embed_tokens.weight" in keys or "lm_head.weight" not in keys:
+            return
+        tensors = {("model.embed_tokens.weight" if k == "lm_head.weight" else k): f.get_tensor(k) for k in keys}
+        metadata = f.metadata()
+    tmp = weights.with_name(f"model.safetensors.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, weights)
 
 
 def folder_model_type(folder: Path) -> Any:
