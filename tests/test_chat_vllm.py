@@ -119,3 +119,38 @@ def test_the_batching_budgets_are_vllms_scheduler_limits():
     assert args["max_num_seqs"] == 8 and args["max_num_batched_tokens"] == 512 and args["max_model_len"] == 4096
     assert args["kv_cache_memory_bytes"] == 2**29 and args["quantization"] == "awq"
     assert args["enable_prefix_caching"] is True and "block_size" not in args
+
+
+def test_the_dequantized_gguf_folder_is_made_loadable_by_vllm(tmp_path):
+    """What the GGUF path leaves (quantization_config gguf, a tied embedding saved as lm_head.weight) is
+    fixed for vLLM, and the folder still loads in transformers with the same logits."""
+    import json
+
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from plugins.model._generative import _drop_gguf_quantization_config, _untie_embedding_key
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1,
+                                         tie_word_embeddings=True)).eval()
+    save_model(model, str(tmp_path / "model.safetensors"))  # keeps one name of the tied pair
+    model.config.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "gguf"}}))
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        if "model.embed_tokens.weight" in f.keys():
+            pytest.skip("this safetensors keeps the embedding's name: nothing to fix")
+    _drop_gguf_quantization_config(tmp_path / "config.json")
+    _untie_embedding_key(tmp_path)
+    _untie_embedding_key(tmp_path)  # idempotent
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert "model.embed_tokens.weight" in f.keys() and "lm_head.weight" not in f.keys()
+    again = AutoModelForCausalLM.from_pretrained(str(tmp_path)).eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        assert torch.equal(again(ids).logits, model(ids).logits)
