@@ -86,6 +86,32 @@ def pytest_configure(config):
         import_models()
 
 
+def cpu_has_native_bf16() -> bool:
+    """quantization=bf16 is refused on a CPU without avx512_bf16 / amx_bf16 (emulated bf16 is slower than fp32)."""
+    from plugins.hardware._base import cpu_info
+
+    return cpu_info().extra.get("native_bf16") is not False
+
+
+#: for tests that serve quantization=bf16 on the CPU: these machines come with and without native bf16.
+needs_native_bf16 = pytest.mark.skipif(
+    not cpu_has_native_bf16(), reason="this CPU has no native bfloat16 (avx512_bf16 / amx_bf16), so "
+    "quantization=bf16 is refused here before start (tests/test_quantization.py checks that refusal)")
+
+
+def cpu_has_int8_dot() -> bool:
+    from plugins.hardware._base import cpu_info
+
+    return bool(cpu_info().extra.get("int8_dot", True))
+
+
+#: torchao's int8_dynamic on a CPU without VNNI / AMX int8 (AVX2 only) quantizes activations to 7-bit
+#: ranges: MiniLM's cosine is then 0.9878 and the 0.99 gate refuses it, as it should.
+needs_int8_dot = pytest.mark.skipif(
+    not cpu_has_int8_dot(), reason="this CPU has no int8 dot-product instructions (avx512_vnni / avx_vnni / "
+    "amx_int8): int8_dynamic measures below its 0.99 gate here and is refused at start")
+
+
 @pytest.fixture(scope="session")
 def tiny_chat_dir(tmp_path_factory) -> Path:
     """A tiny random-weight Llama chat model folder (tests/tiny_chat_model.py), for model=hf_causal_lm."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import needs_int8_dot, needs_native_bf16
 
 from framework import ConfigError, HardwareInfo
 from framework.config import compose, validate
@@ -19,7 +20,7 @@ from framework.engine import QualityGateError, pad_items, prepare_model, warmup_
 from plugins.model.tiny import TinyModel
 from plugins.quantization._common import support_problem
 
-CPU_SCHEMES = ["bf16", "int8_weight_only", "int8_dynamic"]
+CPU_SCHEMES = [pytest.param("bf16", marks=needs_native_bf16), "int8_weight_only", "int8_dynamic"]
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +99,9 @@ def test_skip_patterns_keep_layers_in_full_precision(tiny_dir):
     assert report["quantization_summary"]["kept_full_precision"] == ["2"]
     assert type(r.model.module[2].weight) is torch.nn.Parameter
 
+
+@needs_native_bf16
+def test_skip_patterns_keep_layers_in_float32_under_bf16(tiny_dir):
     r = resolve(tiny_dir, "quantization=bf16", "quantization.skip=[\"0\"]")
     start(r)
     inner = r.model.module.inner  # the float32-in / float32-out wrapper around the cast module
@@ -166,7 +170,8 @@ def _problems(tiny_dir, *overrides: str) -> list:
 
 
 @pytest.mark.parametrize("overrides, key, needles", [
-    (["quantization=fp16"], "quantization", ["quantization=fp16", "cpu", "Schemes that run there", "bf16"]),
+    (["quantization=fp16"], "quantization", ["quantization=fp16", "cpu", "Schemes that run there",
+                                              "int8_weight_only"]),
     (["quantization=float8_dynamic"], "quantization", ["float8_dynamic", "8.9", "int8_dynamic"]),
     (["quantization=int4_weight_only"], "quantization", ["int4_weight_only", "no CPU layout", "int8_dynamic"]),
     (["hardware.cuda_graphs=true"], "hardware.cuda_graphs", ["CUDA graphs", "hardware.cuda_graphs=false"]),
@@ -225,6 +230,13 @@ def test_cuda_capability_rules(scheme, capability, refused):
         assert f"compute capability {capability[0]}.{capability[1]}" in problem and "Schemes that run" in problem
 
 
+def test_bf16_is_refused_on_a_cpu_without_native_bf16():
+    emulated = HardwareInfo("cpu", True, None, "AVX2 CPU", extra={"native_bf16": False})
+    problem = support_problem("bf16", emulated)
+    assert problem is not None and "no native bfloat16" in problem and "int8_weight_only" in problem
+    assert support_problem("bf16", HardwareInfo("cpu", True, None, "AMX CPU", extra={"native_bf16": True})) is None
+
+
 # ------------------------------------------------------------------------------ bucketing
 def test_batch_buckets_and_padding(tiny_dir):
     hw = resolve(tiny_dir, "hardware.batch_buckets=[1,2,4,8]").hardware
@@ -247,6 +259,7 @@ def test_gpu_benchmark_is_importable_and_skips_without_cuda(capsys):
 
 # ------------------------------------------------------------------------------ the real model
 @pytest.mark.slow
+@needs_int8_dot
 def test_minilm_int8_dynamic_compiled_meets_quality(isolated_compile_env):
     r = validate(compose(["model=minilm", "quantization=int8_dynamic", "hardware=cpu", "hardware.compile=default",
                           f"hardware.compile_cache_dir={isolated_compile_env}"]))
