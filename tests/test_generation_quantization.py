@@ -8,6 +8,7 @@ import os
 import time
 
 import pytest
+from conftest import needs_native_bf16
 
 from framework.config import ConfigError, compose, validate
 from framework.generation import GenerationRequest
@@ -37,7 +38,7 @@ def test_int8_weight_only_is_applied_and_gated(tiny_chat_dir):
     from torchao.utils import TorchAOBaseTensor
 
     # random weights: near-flat logits, so near-ties flip ~5% of tokens under int8 (SmolLM2: see the benchmark)
-    r = _resolved(tiny_chat_dir, "int8_weight_only", "quantization.min_quality=0.5")
+    r = _resolved(tiny_chat_dir, "int8_weight_only", "model.min_token_agreement=0.5")
     engine, report = _prepare(r)
     module = r.model.module
     for layer in module.model.layers:
@@ -51,32 +52,33 @@ def test_int8_weight_only_is_applied_and_gated(tiny_chat_dir):
     assert q["positions"] == q["prompts"] * q["tokens_per_prompt"] > 0
     assert 0.0 <= q["greedy_prefix_agreement"] <= 1.0
     assert report["perplexity_ratio"] == q["perplexity_ratio"] > 0
-    assert report["quality_gate"] == "passed" and q["token_agreement"] >= r.quantization.min_quality
+    assert report["quality_gate"] == "passed" and q["token_agreement"] >= 0.5 == report["quality_floor"]
     for key in ("quantize_ms", "quality_gate_ms", "reference_copy_ms", "warmup_ms"):
         assert report[key] >= 0
     assert len(_generate(engine, r.model)) == 6  # the engine runs the quantized layers
 
 
 def test_a_floor_above_the_measure_refuses_to_start(tiny_chat_dir):
-    r = _resolved(tiny_chat_dir, "int8_weight_only", "quantization.min_quality=1.0")
-    r.quantization.config.min_quality = 1.01  # above any agreement (config validation caps it at 1)
+    r = _resolved(tiny_chat_dir, "int8_weight_only", "model.min_token_agreement=1.0")
+    r.model.config.min_token_agreement = 1.01  # above any agreement (config validation caps it at 1)
     with pytest.raises(GenerationQualityGateError) as info:
         _prepare(r)
     text = str(info.value)
-    assert "quantization=int8_weight_only" in text and "quantization.min_quality=1.01" in text
+    assert "quantization=int8_weight_only" in text and "model.min_token_agreement=1.01" in text
     assert "greedy token agreement" in text and "perplexity ratio" in text
     assert "quantization=bf16 or none" in text and "quantization.skip" in text
 
 
 def test_no_floor_measures_without_refusing(tiny_chat_dir):
-    _, report = _prepare(_resolved(tiny_chat_dir, "int8_weight_only", "quantization.min_quality=null"))
+    _, report = _prepare(_resolved(tiny_chat_dir, "int8_weight_only", "model.min_token_agreement=null"))
     assert report["quality_gate"] == "measured (no floor)" and report["quality"]["token_agreement"] >= 0
 
 
+@needs_native_bf16
 def test_bf16_runs(tiny_chat_dir):
     import torch
 
-    r = _resolved(tiny_chat_dir, "bf16", "quantization.min_quality=null")
+    r = _resolved(tiny_chat_dir, "bf16", "model.min_token_agreement=null")
     engine, report = _prepare(r)
     assert r.model.module.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     assert report["quality"]["perplexity_ratio"] > 0 and report["kv_cache_mib"] is not None
@@ -115,15 +117,16 @@ def test_smollm2_int8_weight_only_passes_its_gate():
     assert time.perf_counter() - start < 900
 
 
-def test_the_default_floor_replaces_a_cosine_default(tiny_chat_dir):
-    from framework.generation.quality import DEFAULT_FLOOR, gate_floor
+def test_the_floor_is_the_models_token_agreement_not_the_cosine_floor(tiny_chat_dir):
+    from framework.generation.quality import gate_floor
 
-    assert gate_floor(_resolved(tiny_chat_dir, "int8_weight_only").quantization) == DEFAULT_FLOOR == 0.9
-    assert gate_floor(_resolved(tiny_chat_dir, "bf16").quantization) == DEFAULT_FLOOR
-    set_here = _resolved(tiny_chat_dir, "int8_weight_only", "quantization.min_quality=0.97").quantization
-    assert gate_floor(set_here) == 0.97
-    off = _resolved(tiny_chat_dir, "int8_weight_only", "quantization.min_quality=null").quantization
-    assert gate_floor(off) is None
+    # quantization.min_quality (a cosine floor for one-shot models) does not move it, whatever its value.
+    for extra in ([], ["quantization.min_quality=0.99"], ["quantization.min_quality=0.5"]):
+        assert gate_floor(_resolved(tiny_chat_dir, "int8_weight_only", *extra).model) == 0.9
+    assert gate_floor(_resolved(tiny_chat_dir, "int8_weight_only", "model.min_token_agreement=0.97").model) == 0.97
+    assert gate_floor(_resolved(tiny_chat_dir, "int8_weight_only", "model.min_token_agreement=null").model) is None
+    with pytest.raises(ConfigError, match="model.min_token_agreement: must be in"):
+        _resolved(tiny_chat_dir, "int8_weight_only", "model.min_token_agreement=1.5")
 
 
 def test_a_quantization_that_replaces_the_module_is_refused(tiny_chat_dir):

@@ -10,8 +10,10 @@ on the model's calibration prompts (``GenerativeModelPlugin.calibration_prompts(
   ``GATE_TOKENS`` greedy tokens per prompt; the quantized model reads the same prompt + those tokens
   in one forward (teacher forcing) and we count the positions where its argmax is the reference's
   token, over all prompts together. A near-tie that flips one token costs one position, not the rest
-  of the answer, so the number is stable enough to gate on. ``quantization.min_quality`` is its floor when set;
-  left at the scheme's (cosine) default it is ``DEFAULT_FLOOR`` (0.9), see ``gate_floor``.
+  of the answer, so the number is stable enough to gate on. Its floor is the model's
+  ``min_token_agreement`` (``model.min_token_agreement``, 0.9; ``null`` measures without refusing), see
+  ``gate_floor``. ``quantization.min_quality`` is the one-shot models' cosine floor and does not apply: the
+  same numeric error costs a language model more in token agreement than in cosine.
 * **greedy prefix agreement** (reported, not gated, ``quality["greedy_prefix_agreement"]``): both models
   generate ``GATE_TOKENS`` greedy tokens on their own; the fraction of positions before the first
   divergence, the mean over prompts (the worst is ``greedy_prefix_worst``). What a user would see
@@ -38,7 +40,7 @@ from framework.engine import QualityGateError
 from framework.errors import RequestError
 
 GATE_TOKENS = 32  # greedy tokens per calibration prompt
-DEFAULT_FLOOR = 0.9  # token agreement floor when quantization.min_quality is left at the scheme's default
+DEFAULT_FLOOR = 0.9  # token agreement floor of a model config without min_token_agreement
 MAX_PROMPT_TOKENS = 256  # a calibration prompt is cut to its last this many tokens
 
 #: A plain English paragraph for the perplexity check (written for this gate; no data set needed).
@@ -72,10 +74,10 @@ class GenerationQualityGateError(QualityGateError):
             f"quality gate failed for quantization={scheme}: greedy token agreement with the "
             f"full-precision model is {measured:.4f} over {positions} positions (greedy prefix agreement "
             f"{quality.get('greedy_prefix_agreement', float('nan')):.3f}, perplexity ratio "
-            f"{quality.get('perplexity_ratio', float('nan')):.3f}), below quantization.min_quality={min_quality}. "
+            f"{quality.get('perplexity_ratio', float('nan')):.3f}), below model.min_token_agreement={min_quality}. "
             f"Use a more precise scheme ({more_precise}), keep sensitive layers in full "
-            "precision (quantization.skip=[...]), or lower quantization.min_quality if this is acceptable "
-            "(null turns the gate off).",)
+            "precision (quantization.skip=[...]), or lower model.min_token_agreement if this is acceptable "
+            "(null measures without refusing).",)
 
     def __str__(self) -> str:
         return str(self.args[0])
@@ -255,29 +257,17 @@ def _measure(model: Any, reference: Any, candidate: Any, prompts: list[dict], to
             "perplexity_ratio": round(ppl_cand / ppl_ref, 4), "perplexity_tokens": len(text_ids)}
 
 
-def gate_floor(quantization: Any) -> float | None:
-    """The token-agreement floor: ``quantization.min_quality`` when it was set, else ``DEFAULT_FLOOR``.
-
-    The built-in schemes' default ``min_quality`` (0.99 int8, 0.995 bf16, 0.98 int4) is a *cosine*
-    floor for the one-shot models; token agreement runs lower for the same numeric error (a near-tie
-    flips a token: SmolLM2 int8_weight_only measures ~0.96 with a perplexity ratio ~1.006). A value
-    equal to the scheme's own default counts as not set, so it gets ``DEFAULT_FLOOR``; any other
-    value (including a stricter or looser one from the command line) is used as given."""
-    floor = quantization.min_quality
-    config = getattr(quantization, "config", None)
-    try:
-        default = type(config)().min_quality if config is not None else None
-    except TypeError:
-        default = None
-    if floor is not None and default is not None and floor == default:
-        return DEFAULT_FLOOR
-    return floor
+def gate_floor(model: Any) -> float | None:
+    """The token-agreement floor: the model config's ``min_token_agreement`` (``None``: no floor), or
+    ``DEFAULT_FLOOR`` for a model config without that field."""
+    config = getattr(model, "config", None)
+    return getattr(config, "min_token_agreement", DEFAULT_FLOOR)
 
 
 def quantize_and_gate(model: Any, quantization: Any, device: str, tokens: int = GATE_TOKENS) -> dict:
     """Quantize ``model.module`` in place and gate it; returns the start-up report's entries
     (``quantization_applied``, ``quality``, ``quality_gate``, ``perplexity_ratio``, timings). Raises
-    ``GenerationQualityGateError`` below ``quantization.min_quality`` (``null``: measured, never refused)."""
+    ``GenerationQualityGateError`` below ``model.min_token_agreement`` (``null``: measured, never refused)."""
     report: dict[str, Any] = {}
     t = time.perf_counter()
     reference = copy.deepcopy(model.module)  # the scheme changes numbers: keep full precision to compare
@@ -303,7 +293,7 @@ def quantize_and_gate(model: Any, quantization: Any, device: str, tokens: int = 
                       perplexity_ratio=None)
         return report
     report.update(quality=quality, perplexity_ratio=quality["perplexity_ratio"])
-    floor = gate_floor(quantization)
+    floor = gate_floor(model)
     report["quality_floor"] = floor
     value = quality["token_agreement"]
     if floor is not None and value < floor:
