@@ -403,6 +403,29 @@ def test_sweep_report_ranks_configs_and_writes_table_csv_plot(tmp_path):
     assert written["winner"].startswith("quantization=int8_dynamic")
 
 
+def test_a_chat_sweep_table_shows_the_token_pace_and_the_chat_slo(tmp_path):
+    def chat(ttft, tpot, tokens_per_s):
+        return {"slo": {"ttft_ms": 1000, "itl_ms": 100, "itl_metric": "tpot"}, "ttft_ms": {"p50": ttft},
+                "tpot_ms": {"p50": tpot}, "output_tokens_per_s": tokens_per_s}
+
+    for i, (seqs, paces) in enumerate([(4, [(150.0, 40.0, 30.0), (900.0, 60.0, 55.0)]),
+                                       (16, [(300.0, 55.0, 28.0), (400.0, 70.0, 90.0)])]):
+        folder = tmp_path / str(i)
+        _fake_run(folder, ["batching=continuous", f"batching.max_num_seqs={seqs}"], {0.5: 0.5, 2: 1.0 + i}, None)
+        res = json.loads((folder / "results.json").read_text())
+        for stage, pace in zip(res["stages"], paces, strict=True):
+            stage["chat"] = chat(*pace)
+        report.write_results(res, folder)
+    sweep.aggregate(tmp_path, recommend=False)
+    md = (tmp_path / "comparison.md").read_text()
+    assert "TTFT <= 1000 ms and TPOT <= 100 ms" in md and "100 ms SLO" not in md
+    lines = {line.split("`")[1]: line for line in md.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")}
+    # max_num_seqs=16 ranks first (goodput 2 at 2 req/s); at the lowest rate max_num_seqs=4 paces faster.
+    assert md.index("max_num_seqs=16") < md.index("max_num_seqs=4")
+    assert "| 400.00 | 70.00 | 90.0 |" in lines["batching.max_num_seqs=16"]
+    assert lines["batching.max_num_seqs=4"].rstrip().endswith("| 150.00 | 40.00 | ok |")
+
+
 def test_recommended_experiment_composes_to_the_winning_config(tmp_path):
     _fake_sweep(tmp_path / "sweep")
     sweep.aggregate(tmp_path / "sweep", recommend=True, min_quality=0.99)

@@ -41,7 +41,8 @@ _IGNORED_PARAMS = {("server", "port"), ("server", "host"), ("cache", "directory"
 RECOMMENDED_NAME = "recommended_experiment.yaml"
 CSV_FIELDS = ["rank", "config", "status", "goodput_rps", "at_offered_rps", "slo_ms", "throughput_rps",
               "p50_ms", "p95_ms", "p99_ms", "error_rate", "cache_hit_ratio", "quality_metric", "quality_min",
-              "quality_mean", "vs_fastapi_echo_p50", "vs_litserve_raw_goodput", "run_dir", "error"]
+              "quality_mean", "vs_fastapi_echo_p50", "vs_litserve_raw_goodput", "ttft_p50_ms", "tpot_p50_ms",
+              "output_tokens_per_s", "low_rate_ttft_p50_ms", "low_rate_tpot_p50_ms", "run_dir", "error"]
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -110,6 +111,7 @@ def rows(runs: list[dict]) -> list[dict]:
             "error": (run.get("error") or "").splitlines()[0][:200] if run.get("error") else "",
             "_run": run,
         }
+        row.update(_chat_columns(run, best))
         out.append(row)
     ok = [r for r in out if r["goodput_rps"] is not None]
     bad = [r for r in out if r["goodput_rps"] is None]
@@ -117,6 +119,19 @@ def rows(runs: list[dict]) -> list[dict]:
     for i, r in enumerate(ok + bad, 1):
         r["rank"] = i if r["goodput_rps"] is not None else "-"
     return ok + bad
+
+
+def _chat_columns(run: dict, best: dict | None) -> dict[str, Any]:
+    """A streamed-chat run's token pace: at its best stage (throughput) and at its lowest offered rate
+    (what one person waiting sees when the server is nearly idle)."""
+    stages = [s for s in run.get("stages") or [] if s.get("sent") and s.get("chat")]
+    if not stages or not best or not best.get("chat"):
+        return {}
+    low = min(stages, key=lambda s: s.get("offered_rate") or 0.0)["chat"]
+    top = best["chat"]
+    return {"ttft_p50_ms": top["ttft_ms"]["p50"], "tpot_p50_ms": top["tpot_ms"]["p50"],
+            "output_tokens_per_s": top["output_tokens_per_s"], "low_rate_ttft_p50_ms": low["ttft_ms"]["p50"],
+            "low_rate_tpot_p50_ms": low["tpot_ms"]["p50"], "chat_slo": top.get("slo")}
 
 
 def _ratio_at(run: dict, baseline: str, best: dict | None, key: str) -> float | None:
@@ -158,6 +173,9 @@ def write_table(ranked: list[dict], out_dir: Path, winner: dict | None = None,
         writer.writeheader()
         for r in ranked:
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
+    chat_slo = next((r["chat_slo"] for r in ranked if r.get("chat_slo")), None)
+    if chat_slo is not None:
+        return _write_chat_table(ranked, out_dir, csv_path, chat_slo, winner, min_quality)
     slo = next((r["slo_ms"] for r in ranked if r.get("slo_ms") is not None), None)
     lines = [
         "# hydraserve bench: comparison", "",
@@ -184,6 +202,45 @@ def write_table(ranked: list[dict], out_dir: Path, winner: dict | None = None,
         lines += ["", f"Recommended (highest goodput{floor}): `{winner['config']}` "
                   f"({fmt(winner['goodput_rps'], 1)} req/s within the SLO)."]
     lines += ["", "Per-run details (all rates, baselines, plots): each run's `summary.md` in its folder.", ""]
+    md_path = out_dir / "comparison.md"
+    md_path.write_text("\n".join(lines))
+    return md_path, csv_path
+
+
+def _status_cell(r: dict, winner: dict | None, min_quality: float | None) -> str:
+    status = r["status"] + (f": {r['error']}" if r["error"] else "")
+    if min_quality is not None and r["quality_min"] is not None and r["quality_min"] < min_quality:
+        status += f" (quality below bench.min_quality={min_quality})"
+    if winner is r:
+        status += " **recommended**"
+    return status.replace("|", "/")
+
+
+def _write_chat_table(ranked: list[dict], out_dir: Path, csv_path: Path, slo: dict, winner: dict | None,
+                      min_quality: float | None) -> tuple[Path, Path]:
+    """Streamed chat runs: goodput under bench.slo (TTFT and the token pace), and the token pace itself."""
+    pace = "TPOT" if slo.get("itl_metric", "tpot") == "tpot" else "largest inter-chunk gap"
+    lines = [
+        "# hydraserve bench: comparison (streamed chat)", "",
+        f"Ranked by goodput: streamed answers per second that met bench.slo (TTFT <= {fmt(slo.get('ttft_ms'), 0)} ms "
+        f"and {pace} <= {fmt(slo.get('itl_ms'), 0)} ms), at the offered rate where the config did best. TTFT, TPOT "
+        "and output tokens/s are at that rate; the last two columns at the lowest offered rate (a nearly idle "
+        "server: what one person waiting sees).", "",
+        "| rank | config | goodput req/s | at offered req/s | TTFT p50 ms | TPOT p50 ms | output tok/s | errors "
+        "| quality | TTFT p50 ms, lowest rate | TPOT p50 ms, lowest rate | status |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
+    ]
+    for r in ranked:
+        lines.append(
+            f"| {r['rank']} | `{r['config']}` | {fmt(r['goodput_rps'], 2)} | {fmt(r['at_offered_rps'], 1)} "
+            f"| {fmt(r.get('ttft_p50_ms'))} | {fmt(r.get('tpot_p50_ms'))} | {fmt(r.get('output_tokens_per_s'), 1)} "
+            f"| {fmt(r['error_rate'], 3)} | {_quality_cell(r)} | {fmt(r.get('low_rate_ttft_p50_ms'))} "
+            f"| {fmt(r.get('low_rate_tpot_p50_ms'))} | {_status_cell(r, winner, min_quality)} |")
+    if winner is not None:
+        floor = f" among configs with quality >= {min_quality}" if min_quality is not None else ""
+        lines += ["", f"Recommended (highest goodput{floor}): `{winner['config']}` "
+                  f"({fmt(winner['goodput_rps'], 2)} answers/s within the SLO)."]
+    lines += ["", "Per-run details (all rates, CDFs, plots): each run's `summary.md` in its folder.", ""]
     md_path = out_dir / "comparison.md"
     md_path.write_text("\n".join(lines))
     return md_path, csv_path
