@@ -21,7 +21,7 @@ import os
 import sys
 from collections import defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,24 +39,15 @@ class Row:
 
 @dataclass
 class Request:
+    """A root span and its rows; ``end_ns`` is the latest end among them (a late worker span too)."""
+
     root: dict[str, Any]
-    rows: list[Row] = field(default_factory=list)
+    rows: list[Row]
 
-    @property
-    def trace_id(self) -> str:
-        return self.root["trace_id"]
-
-    @property
-    def start_ns(self) -> int:
-        return self.root["start_ns"]
-
-    @property
-    def duration_ns(self) -> int:
-        return _duration(self.root)
-
-    @property
-    def end_ns(self) -> int:
-        return max(r.span["end_ns"] for r in self.rows) if self.rows else self.root["end_ns"]
+    def __post_init__(self) -> None:
+        self.trace_id, self.start_ns, self.duration_ns = self.root["trace_id"], self.root["start_ns"], \
+            _duration(self.root)
+        self.end_ns = max([r.span["end_ns"] for r in self.rows] or [self.root["end_ns"]])
 
 
 # ----------------------------------------------------------------------------------------------- input
@@ -264,10 +255,6 @@ def format_waterfall(request: Request, width: int = 40, chars: tuple[str, str] =
     return "\n".join(lines)
 
 
-def format_summary(requests: list[Request], total_spans: int, n_traces: int, source: Path) -> str:
-    return f"{source}: {total_spans} spans, {n_traces} traces, {len(requests)} requests"
-
-
 def _failed(span: dict[str, Any]) -> bool:
     return (span.get("status") or {}).get("code") == "ERROR"
 
@@ -376,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     requests = index.requests(trace_id)
     chosen = requests if trace_id else slowest(requests, args.top)
     chosen = sorted(chosen, key=lambda r: r.duration_ns, reverse=True)
-    print(format_summary(requests, len(spans), len(index.by_trace), source), file=out)
+    print(f"{source}: {len(spans)} spans, {len(index.by_trace)} traces, {len(requests)} requests", file=out)
     if trace_id is None:
         print(f"slowest {len(chosen)} of {len(requests)} requests:", file=out)
     chars = _bar_chars(out)
