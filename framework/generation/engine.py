@@ -24,8 +24,8 @@ from framework.generation.request import (
     FinishReason,
     GenerationRequest,
     QueueFullError,
-    RequestTooLongError,
     StepOutput,
+    check_request,
 )
 from framework.generation.sampling import sample_one, sample_rows
 from framework.generation.scheduler import plan_step
@@ -91,18 +91,7 @@ class GenerationEngine:
         return seq.seq_id
 
     def _validate(self, request: GenerationRequest) -> None:
-        problems = [f"{k}: {v}" for k, v in request.sampling.problems()]
-        if not request.prompt_ids:
-            problems.append("prompt_ids: the prompt is empty")
-        if request.max_tokens < 1:
-            problems.append(f"max_tokens: must be >= 1, got {request.max_tokens}")
-        if problems:
-            raise ValueError("; ".join(problems))
-        need = len(request.prompt_ids) + request.max_tokens
-        if need > self.config.max_model_len:
-            raise RequestTooLongError(
-                f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) = {need} "
-                f"exceeds max_model_len={self.config.max_model_len}; shorten the prompt or lower max_tokens")
+        check_request(request, self.config.max_model_len)
 
     def cancel(self, seq_id: int) -> bool:
         """Stop ``seq_id`` now: its slot is freed before the next step, which reports it as ``cancelled``.

@@ -48,6 +48,23 @@ class GenerationRequest:
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
 
 
+def check_request(request: GenerationRequest, max_model_len: int) -> None:
+    """Raise ``ValueError`` for bad parameters, ``RequestTooLongError`` if it can never fit: what every
+    engine checks in ``add`` (the native one and a model's own, e.g. vLLM's adapter)."""
+    problems = [f"{k}: {v}" for k, v in request.sampling.problems()]
+    if not request.prompt_ids:
+        problems.append("prompt_ids: the prompt is empty")
+    if request.max_tokens < 1:
+        problems.append(f"max_tokens: must be >= 1, got {request.max_tokens}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    need = len(request.prompt_ids) + request.max_tokens
+    if need > max_model_len:
+        raise RequestTooLongError(
+            f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) = {need} "
+            f"exceeds max_model_len={max_model_len}; shorten the prompt or lower max_tokens")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     max_num_seqs: int = 16  # sequences holding a KV slot at once (the decode batch's size)

@@ -32,9 +32,9 @@ from framework.generation import (
     EngineConfig,
     GenerationRequest,
     QueueFullError,
-    RequestTooLongError,
     StepOutput,
 )
+from framework.generation.request import check_request
 
 log = logging.getLogger("hydraserve.vllm")
 
@@ -158,18 +158,7 @@ class VllmEngine:
 
     # --- requests ---------------------------------------------------------------------------------
     def add(self, request: GenerationRequest) -> int:
-        problems = [f"{k}: {v}" for k, v in request.sampling.problems()]
-        if not request.prompt_ids:
-            problems.append("prompt_ids: the prompt is empty")
-        if request.max_tokens < 1:
-            problems.append(f"max_tokens: must be >= 1, got {request.max_tokens}")
-        if problems:
-            raise ValueError("; ".join(problems))
-        need = len(request.prompt_ids) + request.max_tokens
-        if need > self.config.max_model_len:
-            raise RequestTooLongError(
-                f"prompt ({len(request.prompt_ids)} tokens) + max_tokens ({request.max_tokens}) = {need} "
-                f"exceeds max_model_len={self.config.max_model_len}; shorten the prompt or lower max_tokens")
+        check_request(request, self.config.max_model_len)
         waiting = self.num_waiting
         if waiting >= self.config.max_waiting:
             raise QueueFullError(f"{waiting} requests already wait for a KV slot "
