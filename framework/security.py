@@ -25,7 +25,9 @@ from framework.openai_generation import error_body
 log = logging.getLogger("hydraserve.security")
 
 REDACTED = "***"
-# A key names a secret when one of its words (split at _, -, ., spaces and camelCase) is one of these.
+# A key names a secret when its last word (split at _, -, ., spaces and camelCase) is one of these: the
+# noun a name ends on is what it holds (access_token, X-API-Key), while token_agreement or key_file hold
+# a measurement or a path (hiding those hid the quality gate's figures in /info).
 SECRET_WORDS = frozenset({"headers", "header", "key", "apikey", "token", "secret", "password", "passwd",
                           "authorization", "auth", "credential", "credentials", "cookie"})
 _WORD = re.compile(r"[A-Z]?[a-z0-9]+|[A-Z]+(?![a-z])")
@@ -34,10 +36,12 @@ _URL_PASSWORD = re.compile(r"(://[^/@:\s]*:)[^/@\s]+@")  # http://user:password@
 
 def names_secret(key: Any) -> bool:
     """True for ``authorization``, ``api_key``, ``X-API-Key``, ``accessToken``, ``headers``...; false for
-    a key ending in ``_env``: it names the environment variable holding a secret (``api_key_env``)."""
+    ``token_agreement`` (the secret word is not the last), and for a key ending in ``_env``: it names the
+    environment variable holding a secret (``api_key_env``)."""
     if not isinstance(key, str) or key.lower().endswith("_env"):
         return False
-    return any(word.lower() in SECRET_WORDS for word in _WORD.findall(key))
+    words = _WORD.findall(key)
+    return bool(words) and words[-1].lower() in SECRET_WORDS
 
 
 def redact(value: Any, hide: bool = False) -> Any:

@@ -79,12 +79,12 @@ def test_redact_nested_and_case_insensitive():
     data = {"Authorization": "Bearer x", "nested": [{"apiKey": "k", "ok": 1}, {"X-API-Key": ["a", "b"]}],
             "db": {"PASSWORD": "p", "user": "u", "access_token": None}, "headers": {"x-tenant": "t"},
             "url": "https://bob:hunter2@example.com/x", "api_key_env": "HYDRASERVE_API_KEY", "tokenizer": "bert",
-            "max_tokens": 5, "client_secret": 3}
+            "max_tokens": 5, "client_secret": 3, "quality": {"token_agreement": 0.98, "min_token_agreement": 0.9}}
     assert security.redact(data) == {
         "Authorization": "***", "nested": [{"apiKey": "***", "ok": 1}, {"X-API-Key": ["***", "***"]}],
         "db": {"PASSWORD": "***", "user": "u", "access_token": None}, "headers": {"x-tenant": "***"},
         "url": "https://bob:***@example.com/x", "api_key_env": "HYDRASERVE_API_KEY", "tokenizer": "bert",
-        "max_tokens": 5, "client_secret": "***"}
+        "max_tokens": 5, "client_secret": "***", "quality": {"token_agreement": 0.98, "min_token_agreement": 0.9}}
 
 
 def _tiny_app(**kwargs):
