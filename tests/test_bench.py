@@ -391,7 +391,7 @@ def test_sweep_report_ranks_configs_and_writes_table_csv_plot(tmp_path):
     order = [md.index(s) for s in ("int4_weight_only", "int8_dynamic", "quantization=none", "fp16")]
     assert order == sorted(order)  # goodput 19.9 > 19.5 > 15, the failed run last
     assert "cosine min 0.9960" in md and "| reference |" in md and "worker died" in md
-    assert "quality below bench.min_quality=0.99" in md and "**recommended**" in md
+    assert "quality below bench.min_quality=0.99" in md and "**recommended: throughput, latency**" in md
     import csv
 
     rows = list(csv.DictReader(open(tmp_path / "comparison.csv")))
@@ -415,15 +415,24 @@ def test_a_chat_sweep_table_shows_the_token_pace_and_the_chat_slo(tmp_path):
         res = json.loads((folder / "results.json").read_text())
         for stage, pace in zip(res["stages"], paces, strict=True):
             stage["chat"] = chat(*pace)
+            stage["latency_ms"]["p50"] = pace[0] + 63 * pace[1]  # the answer's last token: 64 of them
         report.write_results(res, folder)
-    sweep.aggregate(tmp_path, recommend=False)
+    written = sweep.aggregate(tmp_path, recommend=True)
     md = (tmp_path / "comparison.md").read_text()
     assert "TTFT <= 1000 ms and TPOT <= 100 ms" in md and "100 ms SLO" not in md
     lines = {line.split("`")[1]: line for line in md.splitlines() if line.startswith("| 1 ") or line.startswith("| 2 ")}
     # max_num_seqs=16 ranks first (goodput 2 at 2 req/s); at the lowest rate max_num_seqs=4 paces faster.
     assert md.index("max_num_seqs=16") < md.index("max_num_seqs=4")
     assert "| 400.00 | 70.00 | 90.0 |" in lines["batching.max_num_seqs=16"]
-    assert lines["batching.max_num_seqs=4"].rstrip().endswith("| 150.00 | 40.00 | ok |")
+    assert lines["batching.max_num_seqs=16"].rstrip().endswith("| 3765.00 | ok **recommended: throughput** |")
+    assert lines["batching.max_num_seqs=4"].rstrip().endswith(
+        "| 150.00 | 40.00 | 2670.00 | ok **recommended: latency** |")
+    # one sweep, two presets: the throughput winner and the one that answers a lone request first
+    assert written["winner"] == "batching.max_num_seqs=16" and written["fastest"] == "batching.max_num_seqs=4"
+    latency = (tmp_path / sweep.RECOMMENDED_LATENCY_NAME).read_text()
+    throughput = (tmp_path / sweep.RECOMMENDED_NAME).read_text()
+    assert latency.startswith("# @package _global_\n# Recommended for latency") and "TPOT p50 40.00 ms" in latency
+    assert "max_num_seqs: 4" in latency and "max_num_seqs" not in throughput  # 16 is continuous.yaml's own
 
 
 def test_recommended_experiment_composes_to_the_winning_config(tmp_path):

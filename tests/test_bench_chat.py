@@ -304,8 +304,8 @@ def test_jsonl_chat_bodies_are_streamed_and_ask_for_usage(tmp_path):
 def test_chat_profile_composes_and_bad_chat_settings_are_listed():
     settings = bench_settings(compose(["bench=chat"], config_name="bench"))
     assert settings.path == "/v1/chat/completions" and settings.workload.kind == "chat"
-    assert settings.baselines == [] and settings.slo.ttft_ms == 1000 and settings.slo.itl_ms == 100
-    assert settings.rates == [0.5, 1, 2] and settings.workload.output_tokens["mean"] == 64
+    assert settings.baselines == [] and settings.slo.ttft_ms == 1000 and settings.slo.itl_ms == 200
+    assert settings.rates == [0.25, 0.5, 1] and settings.workload.output_tokens["mean"] == 64
     with pytest.raises(ConfigError) as err:
         bench_settings({"workload": {"kind": "chat", "output_tokens": {"dist": "uniform", "min": 5}},
                         "baselines": ["fastapi_echo"], "slo": {"itl_metric": "p99", "ttft_ms": 0}})
@@ -337,7 +337,7 @@ def test_run_chat_drives_open_loop_load_and_writes_chat_reports(tmp_path):
         assert c["itl_ms"]["p50"] is not None and c["tpot_ms"]["p50"] is not None
         assert c["output_tokens_per_s"] > 0 and c["requests_per_s"] > 0
         assert c["goodput"] == st["goodput"] and st["slo_attainment"] == 1.0
-        assert c["slo"] == {"ttft_ms": 1000.0, "itl_ms": 100.0, "itl_metric": "tpot"}
+        assert c["slo"] == {"ttft_ms": 1000.0, "itl_ms": 200.0, "itl_metric": "tpot"}
         assert len(c["cdf"]["ttft_ms"]) == len(c["cdf"]["percentiles"])
     on_disk = json.loads((tmp_path / "results.json").read_text())
     assert on_disk["stages"][0]["chat"]["output_tokens"] == res["stages"][0]["chat"]["output_tokens"]

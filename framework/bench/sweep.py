@@ -6,8 +6,10 @@
 * ``comparison.md`` and ``comparison.csv``: one row per config, best first, quality beside each;
 * ``comparison.png``: p99 latency against offered rate per config, and goodput per config (numbers on
   the bars, the recommended config starred);
-* with ``bench.recommend=true``: ``recommended_experiment.yaml``, a ``conf/experiment`` preset of
-  the winner (``# @package _global_`` + ``override /group: option`` + parameter overrides).
+* with ``bench.recommend=true``: two ``conf/experiment`` presets (``# @package _global_`` +
+  ``override /group: option`` + parameter overrides): ``recommended_experiment.yaml``, the config with
+  the highest goodput (throughput), and ``recommended_low_latency.yaml``, the config whose p50 answer
+  time at the lowest offered rate is shortest (what one person waiting sees on a nearly idle server).
 
 The same report can be rebuilt from a sweep folder at any time::
 
@@ -39,10 +41,12 @@ PLUGIN_AND_FRAMEWORK_GROUPS = ("model", "quantization", "batching", "cache", "ha
 # Set by the bench per run, never part of a recommendation.
 _IGNORED_PARAMS = {("server", "port"), ("server", "host"), ("cache", "directory")}
 RECOMMENDED_NAME = "recommended_experiment.yaml"
+RECOMMENDED_LATENCY_NAME = "recommended_low_latency.yaml"
 CSV_FIELDS = ["rank", "config", "status", "goodput_rps", "at_offered_rps", "slo_ms", "throughput_rps",
               "p50_ms", "p95_ms", "p99_ms", "error_rate", "cache_hit_ratio", "quality_metric", "quality_min",
               "quality_mean", "vs_fastapi_echo_p50", "vs_litserve_raw_goodput", "ttft_p50_ms", "tpot_p50_ms",
-              "output_tokens_per_s", "low_rate_ttft_p50_ms", "low_rate_tpot_p50_ms", "run_dir", "error"]
+              "output_tokens_per_s", "low_rate_p50_ms", "low_rate_ttft_p50_ms", "low_rate_tpot_p50_ms", "run_dir",
+              "error"]
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -83,7 +87,7 @@ def label(run: dict, varying: set[str]) -> str:
 
 # -------------------------------------------------------------------------------------------- rows
 def rows(runs: list[dict]) -> list[dict]:
-    """One row per run, ranked: completed runs by goodput (then p99), failed ones last."""
+    """One row per run, ranked: completed runs by goodput (then output tokens/s, then p99), failed ones last."""
     varying = _varying_overrides(runs)
     out = []
     for run in runs:
@@ -105,6 +109,7 @@ def rows(runs: list[dict]) -> list[dict]:
             "quality_metric": quality.get("metric"),
             "quality_min": quality.get("min"),
             "quality_mean": quality.get("mean"),
+            "low_rate_p50_ms": _low_rate_p50(run),
             "vs_fastapi_echo_p50": _ratio_at(run, "fastapi_echo", best, "p50"),
             "vs_litserve_raw_goodput": _ratio_at(run, "litserve_raw", best, "goodput"),
             "run_dir": run.get("run_dir", ""),
@@ -115,10 +120,20 @@ def rows(runs: list[dict]) -> list[dict]:
         out.append(row)
     ok = [r for r in out if r["goodput_rps"] is not None]
     bad = [r for r in out if r["goodput_rps"] is None]
-    ok.sort(key=lambda r: (-r["goodput_rps"], r["p99_ms"] if r["p99_ms"] is not None else float("inf")))
+    # equal goodput (on a box too slow for the SLO, every chat config's is ~0): more output tokens/s first
+    ok.sort(key=lambda r: (-r["goodput_rps"], -(r.get("output_tokens_per_s") or 0.0),
+                           r["p99_ms"] if r["p99_ms"] is not None else float("inf")))
     for i, r in enumerate(ok + bad, 1):
         r["rank"] = i if r["goodput_rps"] is not None else "-"
     return ok + bad
+
+
+def _low_rate_p50(run: dict) -> float | None:
+    """p50 answer time (to the last byte) at the lowest offered rate, if that stage answered at all."""
+    stages = [s for s in run.get("stages") or [] if s.get("sent") and s.get("ok")]
+    if not stages:
+        return None
+    return min(stages, key=lambda s: s.get("offered_rate") or 0.0)["latency_ms"].get("p50")
 
 
 def _chat_columns(run: dict, best: dict | None) -> dict[str, Any]:
@@ -143,16 +158,24 @@ def _ratio_at(run: dict, baseline: str, best: dict | None, key: str) -> float | 
     return None
 
 
+def _qualifies(r: dict, min_quality: float | None) -> bool:
+    """Completed, and its quality meets ``min_quality`` (configs without a quality figure, e.g. no
+    quantization, are the reference and always qualify)."""
+    if r["goodput_rps"] is None or r["status"] != "ok":
+        return False
+    return min_quality is None or r["quality_min"] is None or r["quality_min"] >= min_quality
+
+
 def pick_winner(ranked: list[dict], min_quality: float | None = None) -> dict | None:
-    """The best completed config whose quality meets ``min_quality`` (configs without a quality
-    figure, e.g. no quantization, are the reference and always qualify)."""
-    for r in ranked:
-        if r["goodput_rps"] is None or r["status"] not in ("ok",):
-            continue
-        if min_quality is not None and r["quality_min"] is not None and r["quality_min"] < min_quality:
-            continue
-        return r
-    return None
+    """Throughput: the qualifying config with the highest goodput (``ranked`` is in that order)."""
+    return next((r for r in ranked if _qualifies(r, min_quality)), None)
+
+
+def pick_fastest(ranked: list[dict], min_quality: float | None = None) -> dict | None:
+    """Latency: the qualifying config with the shortest p50 answer time at the lowest offered rate
+    (ties: the higher goodput). None when no config answered at that rate."""
+    timed = [r for r in ranked if _qualifies(r, min_quality) and r.get("low_rate_p50_ms") is not None]
+    return min(timed, key=lambda r: (r["low_rate_p50_ms"], -r["goodput_rps"]), default=None)
 
 
 # ------------------------------------------------------------------------------------------ writing
@@ -166,7 +189,7 @@ def _quality_cell(r: dict) -> str:
 
 
 def write_table(ranked: list[dict], out_dir: Path, winner: dict | None = None,
-                min_quality: float | None = None) -> tuple[Path, Path]:
+                min_quality: float | None = None, fastest: dict | None = None) -> tuple[Path, Path]:
     csv_path = out_dir / "comparison.csv"
     with open(csv_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
@@ -175,71 +198,77 @@ def write_table(ranked: list[dict], out_dir: Path, winner: dict | None = None,
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
     chat_slo = next((r["chat_slo"] for r in ranked if r.get("chat_slo")), None)
     if chat_slo is not None:
-        return _write_chat_table(ranked, out_dir, csv_path, chat_slo, winner, min_quality)
+        return _write_chat_table(ranked, out_dir, csv_path, chat_slo, winner, min_quality, fastest)
     slo = next((r["slo_ms"] for r in ranked if r.get("slo_ms") is not None), None)
     lines = [
         "# hydraserve bench: comparison", "",
         f"Ranked by goodput: 2xx answers per second within the {fmt(slo, 0)} ms SLO, measured from each "
         "request's intended send time, at the offered rate where the config did best.", "",
         "| rank | config | goodput req/s | at offered req/s | p50 ms | p95 ms | p99 ms | errors | cache hit "
-        "| quality | vs FastAPI echo p50 | vs LitServe goodput | status |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
+        "| quality | vs FastAPI echo p50 | vs LitServe goodput | p50 ms, lowest rate | status |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for r in ranked:
-        quality = _quality_cell(r)
-        status = r["status"] + (f": {r['error']}" if r["error"] else "")
-        if min_quality is not None and r["quality_min"] is not None and r["quality_min"] < min_quality:
-            status += f" (quality below bench.min_quality={min_quality})"
-        if winner is r:
-            status += " **recommended**"
         lines.append(
             f"| {r['rank']} | `{r['config']}` | {fmt(r['goodput_rps'], 1)} | {fmt(r['at_offered_rps'], 0)} "
             f"| {fmt(r['p50_ms'])} | {fmt(r['p95_ms'])} | {fmt(r['p99_ms'])} | {fmt(r['error_rate'], 3)} "
-            f"| {fmt(r['cache_hit_ratio'], 3)} | {quality} | {fmt(r['vs_fastapi_echo_p50'], 2, 'x')} "
-            f"| {fmt(r['vs_litserve_raw_goodput'], 2, 'x')} | {status.replace('|', '/')} |")
-    if winner is not None:
-        floor = f" among configs with quality >= {min_quality}" if min_quality is not None else ""
-        lines += ["", f"Recommended (highest goodput{floor}): `{winner['config']}` "
-                  f"({fmt(winner['goodput_rps'], 1)} req/s within the SLO)."]
+            f"| {fmt(r['cache_hit_ratio'], 3)} | {_quality_cell(r)} | {fmt(r['vs_fastapi_echo_p50'], 2, 'x')} "
+            f"| {fmt(r['vs_litserve_raw_goodput'], 2, 'x')} | {fmt(r.get('low_rate_p50_ms'))} "
+            f"| {_status_cell(r, winner, min_quality, fastest)} |")
+    lines += _recommended_lines(winner, fastest, min_quality, "req/s within the SLO", 1)
     lines += ["", "Per-run details (all rates, baselines, plots): each run's `summary.md` in its folder.", ""]
     md_path = out_dir / "comparison.md"
     md_path.write_text("\n".join(lines))
     return md_path, csv_path
 
 
-def _status_cell(r: dict, winner: dict | None, min_quality: float | None) -> str:
+def _status_cell(r: dict, winner: dict | None, min_quality: float | None, fastest: dict | None = None) -> str:
     status = r["status"] + (f": {r['error']}" if r["error"] else "")
     if min_quality is not None and r["quality_min"] is not None and r["quality_min"] < min_quality:
         status += f" (quality below bench.min_quality={min_quality})"
-    if winner is r:
-        status += " **recommended**"
+    picked = [name for name, pick in (("throughput", winner), ("latency", fastest)) if pick is r]
+    if picked:
+        status += f" **recommended: {', '.join(picked)}**"
     return status.replace("|", "/")
 
 
+def _recommended_lines(winner: dict | None, fastest: dict | None, min_quality: float | None, unit: str,
+                       digits: int) -> list[str]:
+    floor = f" among configs with quality >= {min_quality}" if min_quality is not None else ""
+    lines = []
+    if winner is not None:
+        lines += ["", f"Recommended for throughput (highest goodput{floor}): `{winner['config']}` "
+                  f"({fmt(winner['goodput_rps'], digits)} {unit}), written as `{RECOMMENDED_NAME}` "
+                  "with bench.recommend=true."]
+    if fastest is not None:
+        lines += ["", f"Recommended for latency (shortest p50 answer time at the lowest offered rate{floor}): "
+                  f"`{fastest['config']}` ({fmt(fastest['low_rate_p50_ms'])} ms), written as "
+                  f"`{RECOMMENDED_LATENCY_NAME}` with bench.recommend=true."]
+    return lines
+
+
 def _write_chat_table(ranked: list[dict], out_dir: Path, csv_path: Path, slo: dict, winner: dict | None,
-                      min_quality: float | None) -> tuple[Path, Path]:
+                      min_quality: float | None, fastest: dict | None = None) -> tuple[Path, Path]:
     """Streamed chat runs: goodput under bench.slo (TTFT and the token pace), and the token pace itself."""
     pace = "TPOT" if slo.get("itl_metric", "tpot") == "tpot" else "largest inter-chunk gap"
     lines = [
         "# hydraserve bench: comparison (streamed chat)", "",
         f"Ranked by goodput: streamed answers per second that met bench.slo (TTFT <= {fmt(slo.get('ttft_ms'), 0)} ms "
         f"and {pace} <= {fmt(slo.get('itl_ms'), 0)} ms), at the offered rate where the config did best. TTFT, TPOT "
-        "and output tokens/s are at that rate; the last two columns at the lowest offered rate (a nearly idle "
-        "server: what one person waiting sees).", "",
+        "and output tokens/s are at that rate; the last three columns at the lowest offered rate (a nearly idle "
+        "server: what one person waiting sees; the answer time is to the last token).", "",
         "| rank | config | goodput req/s | at offered req/s | TTFT p50 ms | TPOT p50 ms | output tok/s | errors "
-        "| quality | TTFT p50 ms, lowest rate | TPOT p50 ms, lowest rate | status |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|",
+        "| quality | TTFT p50 ms, lowest rate | TPOT p50 ms, lowest rate | answer p50 ms, lowest rate | status |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
     ]
     for r in ranked:
         lines.append(
             f"| {r['rank']} | `{r['config']}` | {fmt(r['goodput_rps'], 2)} | {fmt(r['at_offered_rps'], 1)} "
             f"| {fmt(r.get('ttft_p50_ms'))} | {fmt(r.get('tpot_p50_ms'))} | {fmt(r.get('output_tokens_per_s'), 1)} "
             f"| {fmt(r['error_rate'], 3)} | {_quality_cell(r)} | {fmt(r.get('low_rate_ttft_p50_ms'))} "
-            f"| {fmt(r.get('low_rate_tpot_p50_ms'))} | {_status_cell(r, winner, min_quality)} |")
-    if winner is not None:
-        floor = f" among configs with quality >= {min_quality}" if min_quality is not None else ""
-        lines += ["", f"Recommended (highest goodput{floor}): `{winner['config']}` "
-                  f"({fmt(winner['goodput_rps'], 2)} answers/s within the SLO)."]
+            f"| {fmt(r.get('low_rate_tpot_p50_ms'))} | {fmt(r.get('low_rate_p50_ms'))} "
+            f"| {_status_cell(r, winner, min_quality, fastest)} |")
+    lines += _recommended_lines(winner, fastest, min_quality, "answers/s within the SLO", 2)
     lines += ["", "Per-run details (all rates, CDFs, plots): each run's `summary.md` in its folder.", ""]
     md_path = out_dir / "comparison.md"
     md_path.write_text("\n".join(lines))
@@ -386,9 +415,11 @@ def _diff(actual: Any, base: Any, prefix: tuple[str, ...], out: dict) -> None:
 _MISSING = object()
 
 
-def recommendation(run: dict, conf: Path | None = None, row: dict | None = None) -> str:
+def recommendation(run: dict, conf: Path | None = None, row: dict | None = None,
+                   objective: str = "throughput") -> str:
     """The winner as a ``conf/experiment`` preset: group choices that differ from serve.yaml's
-    defaults, plus every parameter that differs from the chosen option's YAML file."""
+    defaults, plus every parameter that differs from the chosen option's YAML file. ``objective``
+    (throughput or latency) only words the header: what the numbers in it are."""
     if conf is None:
         from framework.config import conf_dir
 
@@ -413,18 +444,28 @@ def recommendation(run: dict, conf: Path | None = None, row: dict | None = None)
             _diff({k: v for k, v in actual.items() if (group, k) not in _IGNORED_PARAMS}, base, (), diff)
             if diff:
                 params[group] = diff
-    head = ["# @package _global_"]
-    best = (row or {}) or {}
-    head.append(f"# Recommended by `hydraserve bench` from {run.get('run_dir', 'a sweep')}: goodput "
-                f"{fmt(best.get('goodput_rps'), 1)} req/s within the {fmt(best.get('slo_ms'), 0)} ms SLO at "
-                f"{fmt(best.get('at_offered_rps'), 0)} req/s offered, p99 {fmt(best.get('p99_ms'))} ms, quality "
-                f"{quality_text(run.get('quality'), choices.get('quantization'))}.")
+    head = ["# @package _global_", _recommendation_header(run, row or {}, objective, choices)]
     head.append("# Copy to conf/experiment/<name>.yaml and run `hydraserve serve experiment=<name>`.")
     body = head + ["defaults:"] + (lines_defaults or ["  - _self_"])
     text = "\n".join(body) + "\n"
     if params:
         text += "\n" + OmegaConf.to_yaml(OmegaConf.create(params))
     return text
+
+
+def _recommendation_header(run: dict, best: dict, objective: str, choices: dict) -> str:
+    quality = quality_text(run.get("quality"), choices.get("quantization"))
+    source = f"# Recommended for {objective} by `hydraserve bench` from {run.get('run_dir', 'a sweep')}: "
+    if best.get("chat_slo"):
+        numbers = (f"goodput {fmt(best.get('goodput_rps'), 2)} answers/s within bench.slo at "
+                   f"{fmt(best.get('at_offered_rps'), 1)} req/s offered ({fmt(best.get('output_tokens_per_s'), 1)} "
+                   f"output tokens/s); at the lowest rate TTFT p50 {fmt(best.get('low_rate_ttft_p50_ms'))} ms, "
+                   f"TPOT p50 {fmt(best.get('low_rate_tpot_p50_ms'))} ms")
+    else:
+        numbers = (f"goodput {fmt(best.get('goodput_rps'), 1)} req/s within the {fmt(best.get('slo_ms'), 0)} ms "
+                   f"SLO at {fmt(best.get('at_offered_rps'), 0)} req/s offered, p99 {fmt(best.get('p99_ms'))} ms; "
+                   f"p50 {fmt(best.get('low_rate_p50_ms'))} ms at the lowest rate")
+    return source + numbers + f", quality {quality}."
 
 
 def _override_keys(cfg: dict) -> set[str]:
@@ -441,19 +482,22 @@ def aggregate(sweep_dir: str | Path, recommend: bool = False, min_quality: float
         log.warning("no results.json under %s: nothing to compare", out_dir)
         return written
     ranked = rows(runs)
-    winner = pick_winner(ranked, min_quality)
-    written["table"], written["csv"] = write_table(ranked, out_dir, winner, min_quality)
+    winner, fastest = pick_winner(ranked, min_quality), pick_fastest(ranked, min_quality)
+    written["table"], written["csv"] = write_table(ranked, out_dir, winner, min_quality, fastest)
     try:
         written["plot"] = plot(ranked, out_dir, winner, min_quality)
     except Exception as exc:  # the table is what matters; a plotting failure is noted, not fatal
         (out_dir / "plot_error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
-    if winner is not None:
-        written["winner"] = winner["config"]
+    picks = (("winner", "recommendation", RECOMMENDED_NAME, "throughput", winner),
+             ("fastest", "latency_recommendation", RECOMMENDED_LATENCY_NAME, "latency", fastest))
+    for key, file_key, file_name, objective, pick in picks:
+        if pick is None:
+            continue
+        written[key] = pick["config"]
         if recommend:
-            path = out_dir / RECOMMENDED_NAME
-            path.write_text(recommendation(winner["_run"], row=winner))
-            written["recommendation"] = path
-    elif recommend:
+            written[file_key] = out_dir / file_name
+            written[file_key].write_text(recommendation(pick["_run"], row=pick, objective=objective))
+    if winner is None and recommend:
         log.warning("no config completed%s: nothing to recommend",
                     f" with quality >= {min_quality}" if min_quality is not None else "")
     log.info("sweep comparison: %s", ", ".join(f"{k}={v}" for k, v in written.items()))
@@ -478,13 +522,17 @@ class SweepReport(Callback):
             return
         if "table" in written:
             print(f"hydraserve bench: comparison of {written['runs']} runs in {written['table']}"
-                  + (f"; recommended preset: {written['recommendation']}" if "recommendation" in written else ""))
+                  + (f"; recommended presets: {written['recommendation']} (throughput)"
+                     if "recommendation" in written else "")
+                  + (f", {written['latency_recommendation']} (latency)" if "latency_recommendation" in written
+                     else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Rebuild a hydraserve bench sweep comparison")
     parser.add_argument("sweep_dir")
-    parser.add_argument("--recommend", action="store_true", help="also write " + RECOMMENDED_NAME)
+    parser.add_argument("--recommend", action="store_true",
+                        help=f"also write {RECOMMENDED_NAME} and {RECOMMENDED_LATENCY_NAME}")
     parser.add_argument("--min-quality", type=float, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
