@@ -16,9 +16,15 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 
 log = logging.getLogger("hydraserve")
+
+# Set when this process was asked to stop (SIGTERM or SIGINT inside ``sigterm_as_interrupt``). A stop sent
+# to the whole process group (systemd's default KillMode, ``kill -TERM -<pgid>``, Ctrl-C in a terminal)
+# reaches the API processes too; they exit at once, and the worker monitor must not report that as a crash.
+stop_requested = threading.Event()
 
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -45,7 +51,8 @@ def tune_gc(freeze: bool, thresholds: list[int] | None) -> None:
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM to this process raises ``KeyboardInterrupt`` (a graceful stop)."""
+    """Within the block, SIGTERM to this process raises ``KeyboardInterrupt`` (a graceful stop), as
+    SIGINT does; either sets ``stop_requested`` first."""
 
     owner = os.getpid()
 
@@ -54,13 +61,15 @@ def sigterm_as_interrupt() -> Iterator[None]:
             signal.signal(signum, signal.SIG_DFL)
             signal.raise_signal(signum)
             return
+        stop_requested.set()
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGTERM, signal.SIGINT)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def die_with_parent() -> bool:

@@ -35,6 +35,7 @@ import contextlib
 import importlib.util
 import logging
 import multiprocessing as mp
+import signal
 import threading
 import time
 from multiprocessing.managers import SyncManager
@@ -45,7 +46,7 @@ from litserve.loops.base import LitLoop
 from litserve.transport.factory import create_transport_from_config
 from litserve.utils import WorkerSetupStatus
 
-from framework.lifecycle import die_with_parent
+from framework.lifecycle import die_with_parent, stop_requested
 
 log = logging.getLogger("hydraserve.server")
 
@@ -210,11 +211,16 @@ class LitServerAdapter(ls.LitServer):
         """
         api_pids = [w.pid for w in uvicorn_workers.values() if getattr(w, "pid", None)]
         api_procs = [w for w in uvicorn_workers.values() if hasattr(w, "exitcode")]  # processes, not threads
+        clean_exits = (0, -signal.SIGTERM, -signal.SIGINT)
 
         def api_process_died() -> bool:
             for proc in api_procs:
                 if proc.is_alive() or self._stopping:
                     continue
+                # A stop sent to the whole process group ends the API processes first; the main thread's
+                # handler sets stop_requested within moments of the same signal: our own stop, not a crash.
+                if proc.exitcode in clean_exits and stop_requested.wait(1.0):
+                    return True
                 self._fatal = (f"API process {proc.name} (pid {proc.pid}) died with exit code {proc.exitcode}; "
                                "stopping the server (its port would otherwise hang every request)")
                 log.critical("%s", self._fatal)
