@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 from test_chat_e2e import metric_samples
@@ -92,3 +93,16 @@ def test_bad_lever_settings_are_refused_before_start(tiny_chat_dir):
                   "batching.prefix_cache_mb: must be >= 0 (0 turns the prefix cache off)",
                   "batching.prompt_lookup_max: must be >= prompt_lookup_min (5)"):
         assert named in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("preset, max_num_seqs", [("chat_low_latency", 4), ("chat_throughput", 16)])
+def test_the_chat_presets_serve_another_chat_model_with_the_same_answers(preset, max_num_seqs, serve,
+                                                                         tiny_chat_dir, without_levers):
+    # The preset names SmolLM2; model=... on the command line swaps in any chat model and keeps the rest.
+    server = serve([f"experiment={preset}", "model=hf_causal_lm", f"model.path={tiny_chat_dir}",
+                    "model.served_name=tiny_chat", "batching.max_model_len=1024", "cache=none", "tracing=none"])
+    config = httpx.get(server.url + "/info", timeout=10).json()["config"]
+    assert config["model"]["name"] == "hf_causal_lm" and config["hardware"]["spin_wait"] is True
+    assert (config["batching"]["max_num_seqs"], config["batching"]["max_num_batched_tokens"]) == (max_num_seqs, 64)
+    # 64-token prefill chunks and spinning threads change the pace, never a greedy answer
+    assert [ask(server, q, stream=True) for q in QUESTIONS] == [ask(without_levers, q) for q in QUESTIONS]
