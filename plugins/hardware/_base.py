@@ -60,6 +60,12 @@ class EngineConfig:
     # thread burns the time slice its peer needs and every parallel region waits for it (MiniLM fp32,
     # 2 threads, load ~6: 395 ms spinning against 44 ms passive; benchmarks/results/e2e_latency.md).
     spin_wait: bool = False
+    # With spin_wait false: how many times an idle OpenMP thread polls for work before it sleeps (libgomp's
+    # GOMP_SPINCOUNT; about 0.3 ms at 30000). 0 (default) sleeps at once, and on a VM every parallel region
+    # then waits for a sleeping vCPU to be woken: on the quiet 2-core VM MiniLM's forward took 28.3 ms at 0
+    # and 14.7 ms at 30000; beside a busy neighbour it took 23.3 ms at 0 and 130.5 ms at 30000
+    # (benchmarks/results/e2e_latency_spin*.md). null: libgomp's own count for the policy (0 when passive).
+    spin_count: int | None = 0
 
     def __post_init__(self) -> None:
         value = str(self.compile).strip()
@@ -75,6 +81,8 @@ class EngineConfig:
             out.append(("workers_per_device", f"must be >= 1, got {self.workers_per_device}"))
         if self.threads is not None and self.threads < 1:
             out.append(("threads", f"must be >= 1 or null, got {self.threads}"))
+        if self.spin_count is not None and self.spin_count < 0:
+            out.append(("spin_count", f"must be >= 0 or null (0: sleep at once), got {self.spin_count}"))
         if self.devices is not None and self.devices < 1:
             out.append(("devices", f"must be >= 1 or null, got {self.devices}"))
         if self.compile not in COMPILE_MODES:
@@ -163,14 +171,36 @@ def is_rewritten(module: Any) -> bool:
                for p in module.parameters())
 
 
-# What the user exported before the server started: it wins over hardware.spin_wait.
-_USER_WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY")
+# The variables apply_wait_policy manages, and the list of those it set in this environment: a process
+# spawned after a validate (a server started by the bench, by a test, by a replica launcher) inherits them,
+# and must not take its parent's setting for one the user exported.
+_WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+_SET_BY_US = "HYDRASERVE_OPENMP_SET"
 
 
-def apply_wait_policy(spin: bool) -> None:
-    """``OMP_WAIT_POLICY`` for the worker processes this process will spawn (``hardware.spin_wait``)."""
+def _exported_by_user(name: str) -> str | None:
+    ours = os.environ.get(_SET_BY_US, "").split(",")
+    return None if name in ours else os.environ.get(name)
+
+
+# What the user exported before the server started: it wins over hardware.spin_wait and spin_count.
+_USER_WAIT_POLICY = _exported_by_user("OMP_WAIT_POLICY")
+_USER_SPIN_COUNT = _exported_by_user("GOMP_SPINCOUNT")
+
+
+def apply_wait_policy(spin: bool, spin_count: int | None = None) -> None:
+    """``OMP_WAIT_POLICY`` and ``GOMP_SPINCOUNT`` for the worker processes this process will spawn
+    (``hardware.spin_wait``, ``hardware.spin_count``). A spinning policy spins without bound, so the count
+    only applies to the sleeping one; a variable the user exported is left as it is."""
     if _USER_WAIT_POLICY is None:
         os.environ["OMP_WAIT_POLICY"] = "ACTIVE" if spin else "PASSIVE"
+    if _USER_SPIN_COUNT is None:
+        if spin or spin_count is None:
+            os.environ.pop("GOMP_SPINCOUNT", None)  # one process may validate several configs (tests, bench)
+        else:
+            os.environ["GOMP_SPINCOUNT"] = str(spin_count)
+    user = {"OMP_WAIT_POLICY": _USER_WAIT_POLICY, "GOMP_SPINCOUNT": _USER_SPIN_COUNT}
+    os.environ[_SET_BY_US] = ",".join(name for name in _WAIT_VARIABLES if user[name] is None)
 
 
 class EngineHardware(HardwarePlugin):
@@ -181,7 +211,7 @@ class EngineHardware(HardwarePlugin):
         # libgomp reads OMP_WAIT_POLICY once, when torch first loads it, and a worker imports torch while
         # it validates its config (hardware=auto asks torch for a GPU), before any hook of ours runs: so the
         # variable is set here, when the server's main process validates, and spawned workers inherit it.
-        apply_wait_policy(bool(self.config.spin_wait))
+        apply_wait_policy(bool(self.config.spin_wait), self.config.spin_count)
 
     def devices(self) -> int | str:
         return self.config.devices if self.config.devices is not None else "auto"
