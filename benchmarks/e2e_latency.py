@@ -3,6 +3,7 @@
     python benchmarks/e2e_latency.py                 # default vs experiment=cpu_low_latency, 5 rounds
     python benchmarks/e2e_latency.py --quick         # 2 rounds x 100 requests
     python benchmarks/e2e_latency.py --config ort=hardware.runtime=onnxruntime --rounds 3
+    python benchmarks/e2e_latency.py --neighbour     # the same, beside a process that keeps one core busy
 
 Every config serves `model=minilm` on the CPU. One server at a time: each round starts a config's
 server, measures it, stops it, then does the same for the next config (the order rotates per round),
@@ -20,6 +21,9 @@ client gap is the client's time minus the server span (HTTP parsing, loopback, t
 Quality: cosine of each config's embeddings to the default's over a few sentences.
 
 Timing is only meaningful on a quiet machine: the load average is printed beside every round.
+``--neighbour`` starts a busy loop (one process, one core: a noisy neighbour on a shared host) after the
+server is up and the machine is quiet, and stops it after the measured requests: what a config costs
+when it does not have the cores to itself.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import contextlib
 import os
 import secrets
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -155,8 +160,23 @@ def measure(client: BlockingClient, n: int, warmup: int) -> tuple[list[float], d
     return sorted(by_trace.values()), by_trace
 
 
+@contextlib.contextmanager
+def busy_neighbour(enabled: bool):
+    """A process spinning on one core for the duration of the block (when ``enabled``)."""
+    if not enabled:
+        yield
+        return
+    proc = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.5)  # let the scheduler see it before the first measured request
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def one_start(name: str, overrides: list[str], env: dict, code_root: str | None, cache_dir: str, n: int,
-              warmup: int) -> dict:
+              warmup: int, neighbour: bool = False) -> dict:
     out_dir = tempfile.mkdtemp(prefix=f"e2e-{name}-")
     server = ServerProcess([*overrides, "server.log_level=warning", "tracing=file",
                             f"hardware.compile_cache_dir={cache_dir}"], env=env or None, code_root=code_root,
@@ -180,7 +200,8 @@ def one_start(name: str, overrides: list[str], env: dict, code_root: str | None,
         load = os.getloadavg()[0]
         client = BlockingClient(server.url)
         try:
-            samples, by_trace = measure(client, n, warmup)
+            with busy_neighbour(neighbour):
+                samples, by_trace = measure(client, n, warmup)
         finally:
             client.close()
         load_after = os.getloadavg()[0]
@@ -226,6 +247,8 @@ def main() -> int:
                         help="NAME=override,override,... measured besides the default ones (repeatable)")
     parser.add_argument("--only", action="append", default=[], help="measure only these configs (by name)")
     parser.add_argument("--name", default="e2e_latency", help="results file name (benchmarks/results/NAME.md)")
+    parser.add_argument("--neighbour", action="store_true",
+                        help="measure beside a process that keeps one core busy (results NAME_neighbour)")
     args = parser.parse_args()
     rounds, n = (2, 100) if args.quick else (args.rounds, args.requests)
     variants = {k: parse_variant(f"{k}={','.join(v)}") for k, v in DEFAULT_CONFIGS.items()}
@@ -241,7 +264,8 @@ def main() -> int:
     for r in range(rounds):
         for name in [x for x in rotated(list(variants), r) if x in variants]:
             v = variants[name]
-            res = one_start(name, v.overrides, v.env, v.code_root, str(Path(cache_root) / name), n, args.warmup)
+            res = one_start(name, v.overrides, v.env, v.code_root, str(Path(cache_root) / name), n, args.warmup,
+                            args.neighbour)
             if "failed" in res:
                 print(f"round {r + 1} {name}: FAILED TO START: {res['failed']}", flush=True)
                 failed[name] = res["failed"]
@@ -266,7 +290,9 @@ def main() -> int:
              f"Command: `python benchmarks/e2e_latency.py {' '.join(sys.argv[1:])}`  ",
              f"Machine: {machine()}, {cpu()}; model=minilm on the CPU; one 12-token sentence per request, "
              f"`Cache-Control: no-cache`; concurrency 1; {rounds} rounds, each a fresh start of each config "
-             f"(order rotating), {n} measured requests per start after {args.warmup} warm-up ones.", "",
+             f"(order rotating), {n} measured requests per start after {args.warmup} warm-up ones"
+             + ("; **beside a busy neighbour** (a process spinning on one core during the requests)"
+                if args.neighbour else "") + ".", "",
              "| config | overrides | p50 ms (median of starts) | p50 range over starts | max/min p50 | "
              "p99 ms (median) | speed-up vs " + base + " | cosine to " + base + " | first start s | "
              "later starts s | load avg during |",
@@ -282,7 +308,8 @@ def main() -> int:
         summary[k] = {"p50_ms": p50[k], "p50s": p50s, "p99_ms": statistics.median(x["p99_ms"] for x in s),
                       "speedup": p50[base] / p50[k], "cosine_min": cos, "first_start_s": s[0]["startup_s"],
                       "later_starts_s": later, "loads": loads}
-        lines.append(f"| {k} | `{' '.join(variants[k].overrides) or '(shipped default)'}` | {p50[k]:.2f} | "
+        shown = [*(f"{key}={value}" for key, value in (variants[k].env or {}).items()), *variants[k].overrides]
+        lines.append(f"| {k} | `{' '.join(shown) or '(shipped default)'}` | {p50[k]:.2f} | "
                      f"{_range(p50s)} | {max(p50s) / min(p50s):.2f}x | {summary[k]['p99_ms']:.2f} | "
                      f"{p50[base] / p50[k]:.2f}x | {cos:.4f} | {s[0]['startup_s']:.1f} | "
                      f"{_range(later) if later else '-'} | {_range(loads)} |")
@@ -309,7 +336,9 @@ def main() -> int:
     lines += ["", "Engine reports (`/info`, last start): " + "; ".join(f"{k}: {v}" for k, v in engines.items())]
     data = {"machine": machine(), "rounds": rounds, "requests": n, "summary": summary, "failed": failed,
             "starts": {k: [{kk: vv for kk, vv in x.items() if kk != "vectors"} for x in v] for k, v in starts.items()}}
-    path = write_results(args.name + ("_quick" if args.quick else ""), "\n".join(lines) + "\n", data)
+    data["neighbour"] = args.neighbour
+    suffix = ("_neighbour" if args.neighbour else "") + ("_quick" if args.quick else "")
+    path = write_results(args.name + suffix, "\n".join(lines) + "\n", data)
     print("\n".join(lines))
     print(f"\nwritten to {path}")
     return 0
