@@ -4,6 +4,7 @@
     python benchmarks/e2e_latency.py --quick         # 2 rounds x 100 requests
     python benchmarks/e2e_latency.py --config ort=hardware.runtime=onnxruntime --rounds 3
     python benchmarks/e2e_latency.py --neighbour     # the same, beside a process that keeps one core busy
+    python benchmarks/e2e_latency.py --same-start    # the control: one start each, measured 5 times 30 s apart
 
 Every config serves `model=minilm` on the CPU. One server at a time: each round starts a config's
 server, measures it, stops it, then does the same for the next config (the order rotates per round),
@@ -176,7 +177,9 @@ def busy_neighbour(enabled: bool):
 
 
 def one_start(name: str, overrides: list[str], env: dict, code_root: str | None, cache_dir: str, n: int,
-              warmup: int, neighbour: bool = False) -> dict:
+              warmup: int, neighbour: bool = False, blocks: int = 1, gap_s: float = 0.0) -> dict:
+    """Start ``name``'s server, measure ``n`` requests (``blocks`` times, ``gap_s`` idle seconds apart: the
+    control that tells a start's own spread from the machine's drift over the same minutes), stop it."""
     out_dir = tempfile.mkdtemp(prefix=f"e2e-{name}-")
     server = ServerProcess([*overrides, "server.log_level=warning", "tracing=file",
                             f"hardware.compile_cache_dir={cache_dir}"], env=env or None, code_root=code_root,
@@ -199,9 +202,14 @@ def one_start(name: str, overrides: list[str], env: dict, code_root: str | None,
         waited = wait_until_quiet(max_wait_s=10)
         load = os.getloadavg()[0]
         client = BlockingClient(server.url)
+        block_p50s = []
         try:
-            with busy_neighbour(neighbour):
-                samples, by_trace = measure(client, n, warmup)
+            for block in range(blocks):
+                if block:
+                    time.sleep(gap_s)
+                with busy_neighbour(neighbour):
+                    samples, by_trace = measure(client, n, warmup)
+                block_p50s.append(statistics.median(samples))
         finally:
             client.close()
         load_after = os.getloadavg()[0]
@@ -212,7 +220,8 @@ def one_start(name: str, overrides: list[str], env: dict, code_root: str | None,
     engine = (info.get("engine") or [{}])[0] or {}
     return {"config": name, "startup_s": round(startup_s, 2), "load_before": round(load, 2),
             "load_after": round(load_after, 2), "quiet_wait_s": round(waited, 1),
-            "p50_ms": statistics.median(samples), "p99_ms": samples[int(0.99 * (len(samples) - 1))],
+            "p50_ms": statistics.median(samples), "block_p50s_ms": block_p50s,
+            "p99_ms": samples[int(0.99 * (len(samples) - 1))],
             "stages_ms": stages, "vectors": vectors,
             "engine": {k: engine.get(k) for k in ("quality", "compile_mode", "runtime", "startup_ms", "compile_ms",
                                                   "onnx", "load_ms", "gate_ms", "warmup_ms")}}
@@ -237,6 +246,33 @@ def _range(values: list[float]) -> str:
     return f"{min(values):.2f}-{max(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
+def same_start(variants: dict, blocks: int, n: int, args: argparse.Namespace, cache_root: str) -> int:
+    """The control for the start-to-start spread: each config started once and measured ``blocks`` times,
+    ``args.gap`` idle seconds apart (about what the other configs' starts take). A spread as wide as the
+    one over starts says the machine drifts over those minutes; a narrow one puts it on the start."""
+    rows, data = [], {}
+    for name, v in variants.items():
+        res = one_start(name, v.overrides, v.env, v.code_root, str(Path(cache_root) / name), n, args.warmup,
+                        args.neighbour, blocks=blocks, gap_s=args.gap)
+        if "failed" in res:
+            print(f"{name}: FAILED TO START: {res['failed']}", flush=True)
+            continue
+        p50s = res["block_p50s_ms"]
+        print(f"{name}: block p50s {[round(x, 2) for x in p50s]} ms", flush=True)
+        data[name] = {"block_p50s_ms": p50s, "load_before": res["load_before"], "load_after": res["load_after"]}
+        rows.append(f"| {name} | {' / '.join(f'{x:.2f}' for x in p50s)} | {max(p50s) / min(p50s):.2f}x | "
+                    f"{res['load_before']}-{res['load_after']} |")
+    lines = ["# One start, measured again and again (benchmarks/e2e_latency.py --same-start)", "",
+             f"Command: `python benchmarks/e2e_latency.py {' '.join(sys.argv[1:])}`  ",
+             f"Machine: {machine()}, {cpu()}; each config started once, {blocks} blocks of {n} requests "
+             f"(after {args.warmup} warm-up ones each), {args.gap:.0f} s idle between blocks.", "",
+             "| config | p50 ms of each block | max/min | load avg |", "| --- | --- | ---: | --- |", *rows]
+    path = write_results(args.name + "_same_start", "\n".join(lines) + "\n", {"machine": machine(), **data})
+    print("\n".join(lines))
+    print(f"\nwritten to {path}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="2 rounds x 100 requests")
@@ -249,6 +285,9 @@ def main() -> int:
     parser.add_argument("--name", default="e2e_latency", help="results file name (benchmarks/results/NAME.md)")
     parser.add_argument("--neighbour", action="store_true",
                         help="measure beside a process that keeps one core busy (results NAME_neighbour)")
+    parser.add_argument("--same-start", action="store_true",
+                        help="the control: one start per config, measured --rounds times, --gap seconds apart")
+    parser.add_argument("--gap", type=float, default=30.0, help="idle seconds between --same-start blocks")
     args = parser.parse_args()
     rounds, n = (2, 100) if args.quick else (args.rounds, args.requests)
     variants = {k: parse_variant(f"{k}={','.join(v)}") for k, v in DEFAULT_CONFIGS.items()}
@@ -261,6 +300,8 @@ def main() -> int:
     starts: dict[str, list[dict]] = {k: [] for k in variants}
     failed: dict[str, str] = {}
     print(f"machine {machine()}, {cpu()}; load average at start {os.getloadavg()}", flush=True)
+    if args.same_start:
+        return same_start(variants, rounds, n, args, cache_root)
     for r in range(rounds):
         for name in [x for x in rotated(list(variants), r) if x in variants]:
             v = variants[name]

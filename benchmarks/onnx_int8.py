@@ -87,9 +87,21 @@ def main() -> int:
     recipes[f"per-channel, {len(kept)} most sensitive kept fp32"] = greedy
     print(recipes, kept, flush=True)
 
+    # The shipped preset's own exclusions (its patterns, as hardware.onnx_int8_exclude matches them): the
+    # forward a `experiment=cpu_low_latency` server runs, to set beside the forward span of its traces.
+    import fnmatch
+
+    from omegaconf import OmegaConf
+
+    preset = OmegaConf.load(Path(__file__).resolve().parent.parent / "conf/experiment/cpu_low_latency.yaml")
+    patterns = list(preset.hardware.onnx_int8_exclude)
+    shipped = [n for n in layers if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    recipes[f"per-channel, the shipped preset's {len(shipped)} kept fp32 (`experiment=cpu_low_latency`)"] = \
+        gate_cosine(quantized("shipped", shipped))
     sessions = {"ORT fp32": session(fp32), "ORT int8 per-channel, every layer": session(folder / "per_channel.onnx"),
-                f"ORT int8, {len(kept)} kept fp32": session(folder / "greedy.onnx")}
-    one_ids, one_mask = model.preprocess([SENTENCE])
+                f"ORT int8, {len(kept)} kept fp32": session(folder / "greedy.onnx"),
+                "ORT int8, the shipped preset": session(folder / "shipped.onnx")}
+    one_ids, one_mask = model.preprocess([SENTENCE])  # padded to the sequence bucket, as the server does
     one = {"input_0": one_ids.numpy(), "input_1": one_mask.numpy()}
     calls = {"torch fp32 eager": lambda: model.module(one_ids, one_mask)}
     calls.update({k: (lambda s=s: s.run(None, one)) for k, s in sessions.items()})
