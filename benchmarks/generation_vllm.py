@@ -221,6 +221,8 @@ def main() -> None:
     ap.add_argument("--no-native", action="store_true", help="skip hydraserve's native engine")
     ap.add_argument("--eager", action="store_true",
                     help="both vLLM servers with enforce_eager (no torch.compile: minutes less per start on 2 cores)")
+    ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="added to the hydraserve + vLLM server's command line (e.g. hardware.spin_wait=true)")
     ap.add_argument("--from-json", help="render (and with --save write) an earlier run's JSON")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, _interrupt)  # unwind so the servers started here are stopped
@@ -239,6 +241,7 @@ def main() -> None:
                              "python": platform.python_version(), "vllm": sys.modules["vllm"].__version__}}
     print(f"load average at start: {res['load_avg_start']} on {os.cpu_count()} cores", flush=True)
     folder, vllm_args = model_folder_and_args()
+    HYDRA_VLLM.extend(args.override)
     if args.eager:
         vllm_args["enforce_eager"] = True
         HYDRA_VLLM.append("model.vllm.enforce_eager=true")
