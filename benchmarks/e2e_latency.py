@@ -246,6 +246,14 @@ def _range(values: list[float]) -> str:
     return f"{min(values):.2f}-{max(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
+NEIGHBOUR_NOTE = "; **beside a busy neighbour** (a process spinning on one core during the requests)"
+
+
+def results_name(args: argparse.Namespace, *parts: str) -> str:
+    """``NAME`` with the run's kind appended: a neighbour run never overwrites a quiet one's file."""
+    return args.name + "".join(parts) + ("_neighbour" if args.neighbour else "") + ("_quick" if args.quick else "")
+
+
 def same_start(variants: dict, blocks: int, n: int, args: argparse.Namespace, cache_root: str) -> int:
     """The control for the start-to-start spread: each config started once and measured ``blocks`` times,
     ``args.gap`` idle seconds apart (about what the other configs' starts take). A spread as wide as the
@@ -265,9 +273,10 @@ def same_start(variants: dict, blocks: int, n: int, args: argparse.Namespace, ca
     lines = ["# One start, measured again and again (benchmarks/e2e_latency.py --same-start)", "",
              f"Command: `python benchmarks/e2e_latency.py {' '.join(sys.argv[1:])}`  ",
              f"Machine: {machine()}, {cpu()}; each config started once, {blocks} blocks of {n} requests "
-             f"(after {args.warmup} warm-up ones each), {args.gap:.0f} s idle between blocks.", "",
+             f"(after {args.warmup} warm-up ones each), {args.gap:.0f} s idle between blocks"
+             + (NEIGHBOUR_NOTE if args.neighbour else "") + ".", "",
              "| config | p50 ms of each block | max/min | load avg |", "| --- | --- | ---: | --- |", *rows]
-    path = write_results(args.name + "_same_start", "\n".join(lines) + "\n", {"machine": machine(), **data})
+    path = write_results(results_name(args, "_same_start"), "\n".join(lines) + "\n", {"machine": machine(), **data})
     print("\n".join(lines))
     print(f"\nwritten to {path}")
     return 0
@@ -332,8 +341,7 @@ def main() -> int:
              f"Machine: {machine()}, {cpu()}; model=minilm on the CPU; one 12-token sentence per request, "
              f"`Cache-Control: no-cache`; concurrency 1; {rounds} rounds, each a fresh start of each config "
              f"(order rotating), {n} measured requests per start after {args.warmup} warm-up ones"
-             + ("; **beside a busy neighbour** (a process spinning on one core during the requests)"
-                if args.neighbour else "") + ".", "",
+             + (NEIGHBOUR_NOTE if args.neighbour else "") + ".", "",
              "| config | overrides | p50 ms (median of starts) | p50 range over starts | max/min p50 | "
              "p99 ms (median) | speed-up vs " + base + " | cosine to " + base + " | first start s | "
              "later starts s | load avg during |",
@@ -378,8 +386,7 @@ def main() -> int:
     data = {"machine": machine(), "rounds": rounds, "requests": n, "summary": summary, "failed": failed,
             "starts": {k: [{kk: vv for kk, vv in x.items() if kk != "vectors"} for x in v] for k, v in starts.items()}}
     data["neighbour"] = args.neighbour
-    suffix = ("_neighbour" if args.neighbour else "") + ("_quick" if args.quick else "")
-    path = write_results(args.name + suffix, "\n".join(lines) + "\n", data)
+    path = write_results(results_name(args), "\n".join(lines) + "\n", data)
     print("\n".join(lines))
     print(f"\nwritten to {path}")
     return 0
