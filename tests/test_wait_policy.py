@@ -26,7 +26,7 @@ def _worker_environment(server) -> dict[str, str]:
 
 
 @pytest.mark.parametrize(("overrides", "policy", "count"), [
-    ([], "PASSIVE", "0"),                                      # the shipped default: sleep at once
+    ([], "PASSIVE", "0"),                                      # the shipped default (one-shot): sleep at once
     (["hardware.spin_count=30000"], "PASSIVE", "30000"),       # a short bounded spin (a box of its own)
     (["hardware.spin_count=null"], "PASSIVE", None),           # libgomp's own count (0 when passive)
     (["hardware.spin_wait=true"], "ACTIVE", None),             # spin without bound: the count would cap it
@@ -37,6 +37,19 @@ def test_the_worker_starts_with_the_configured_openmp_wait(serve, tiny_dir, monk
     env = _worker_environment(server)
     assert env.get("OMP_WAIT_POLICY") == policy
     assert env.get("GOMP_SPINCOUNT") == count
+
+
+@pytest.mark.parametrize(("overrides", "policy"), [
+    ([], "ACTIVE"),                          # null: decode's many small parallel regions spin
+    (["hardware.spin_wait=false"], "PASSIVE"),  # an explicit setting wins over the model's kind
+], ids=["default", "explicit_false"])
+def test_a_generative_model_spins_by_default(serve, tiny_chat_dir, monkeypatch, overrides, policy):
+    _clean_environment(monkeypatch)
+    server = serve(["model=hf_causal_lm", f"model.path={tiny_chat_dir}", "cache=none", "tracing=none",
+                    *overrides])
+    env = _worker_environment(server)
+    assert env.get("OMP_WAIT_POLICY") == policy
+    assert env.get("GOMP_SPINCOUNT") == (None if policy == "ACTIVE" else "0")
 
 
 def test_a_count_the_user_exported_wins(serve, tiny_dir, monkeypatch):

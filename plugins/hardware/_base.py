@@ -59,8 +59,11 @@ class EngineConfig:
     # answers a few µs sooner on an idle machine, but when another process shares the cores a spinning
     # thread burns the time slice its peer needs and every parallel region waits for it (MiniLM fp32,
     # 2 threads, load ~6: 395 ms spinning against 44 ms passive; benchmarks/results/e2e_latency.md).
-    spin_wait: bool = False
-    # With spin_wait false: how many times an idle OpenMP thread polls for work before it sleeps (libgomp's
+    # null (default): spin for a generative model, sleep for a one-shot one. Decode is a loop of many small
+    # parallel regions that keeps the worker's cores busy for the whole reply, and a sleeping pool wakes
+    # for each of them: SmolLM2 on vLLM had ITL 81-85 ms passive and 41.6 ms spinning (docs/vllm.md).
+    spin_wait: bool | None = None
+    # When threads sleep: how many times an idle OpenMP thread polls for work before it sleeps (libgomp's
     # GOMP_SPINCOUNT; about 0.3 ms at 30000). 0 (default) sleeps at once, and on a VM every parallel region
     # then waits for a sleeping vCPU to be woken: on the quiet 2-core VM MiniLM's forward took 28.3 ms at 0
     # and 14.7 ms at 30000; beside a busy neighbour it took 23.3 ms at 0 and 130.5 ms at 30000
@@ -206,18 +209,22 @@ def apply_wait_policy(spin: bool, spin_count: int | None = None) -> None:
 class EngineHardware(HardwarePlugin):
     Config = EngineConfig
 
-    def __init__(self, config: Any | None = None):
-        super().__init__(config)
-        # libgomp reads OMP_WAIT_POLICY once, when torch first loads it, and a worker imports torch while
-        # it validates its config (hardware=auto asks torch for a GPU), before any hook of ours runs: so the
-        # variable is set here, when the server's main process validates, and spawned workers inherit it.
-        apply_wait_policy(bool(self.config.spin_wait), self.config.spin_count)
-
     def devices(self) -> int | str:
         return self.config.devices if self.config.devices is not None else "auto"
 
+    def spins(self, model: ModelPlugin | None) -> bool:
+        """Whether idle intra-op threads spin for ``model`` (``spin_wait``; null: spin for generation)."""
+        if self.config.spin_wait is not None:
+            return bool(self.config.spin_wait)
+        return isinstance(model, GenerativeModelPlugin)
+
     # --- validation --------------------------------------------------------------------------
     def check(self, ctx: CheckContext) -> list[str]:
+        # libgomp reads OMP_WAIT_POLICY once, when torch first loads it, and a worker imports torch while
+        # it validates its config (hardware=auto asks torch for a GPU, below), before any hook of ours
+        # runs: so the variable is set first thing here, when the server's main process validates (the
+        # model is known by then), and the spawned workers inherit it.
+        apply_wait_policy(self.spins(ctx.model), self.config.spin_count)
         info = self.info()
         found = self._runtime_check(ctx)
         if info.accelerator != "cuda":
