@@ -82,6 +82,25 @@ def test_a_repeated_deterministic_request_never_reaches_vllm(cached_chat):
         assert after[name] == before[name], name
 
 
+@needs_vllm
+def test_vllm_prefix_cache_reuse_shows_in_metrics(chat):
+    # A system prompt of several of vLLM's 128-token KV blocks, shared by two questions: the second
+    # request's prompt finds its blocks (vLLM's automatic prefix caching, on as shipped).
+    system = "the keeper of the lighthouse wrote down every ship that passed in the night. " * 30
+    before = cases.metric_samples(chat)
+    for question in ("who kept the light?", "what did the keeper write down?"):
+        body = {"messages": [{"role": "system", "content": system}, {"role": "user", "content": question}],
+                "max_tokens": 4, "temperature": 0}
+        assert httpx.post(chat.url + "/v1/chat/completions", json=body, timeout=120).status_code == 200
+    after = cases.metric_samples(chat)
+
+    def moved(name: str) -> float:
+        return after.get(name, 0) - before.get(name, 0)
+
+    assert moved("hydraserve_prefix_cache_hits_total") >= 128
+    assert moved("hydraserve_prefix_cache_queries_total") > moved("hydraserve_prefix_cache_hits_total")
+
+
 # --- validated before start (no vLLM needed) ------------------------------------------------------------
 def _problems(overrides: list[str]) -> str:
     from framework.config import compose, validate

@@ -122,12 +122,25 @@ class VllmSequence:
     finish_reason: str | None = None
 
 
+@dataclass
+class VllmPrefixStats:
+    """vLLM's automatic prefix cache as the worker's ``/metrics`` export reads a prefix cache (the
+    native engine's ``PrefixCache`` attributes): prompt tokens looked up and found, from each request's
+    public ``num_cached_tokens``. Evictions and the cache's size are vLLM's internals: left unreported."""
+
+    query_tokens: int = 0
+    hit_tokens: int = 0
+    evicted_blocks: int = 0
+    num_blocks: int | None = None  # None: no hydraserve_prefix_cache_blocks gauge
+
+
 class VllmEngine:
     """``framework.generation.EngineLike`` over an in-process vLLM ``LLMEngine``."""
 
     name = "vllm"
 
-    def __init__(self, llm: Any, config: EngineConfig, eos_token_ids: list[int], report: dict | None = None):
+    def __init__(self, llm: Any, config: EngineConfig, eos_token_ids: list[int], report: dict | None = None,
+                 prefix_caching: bool = False):
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -142,6 +155,7 @@ class VllmEngine:
         self._just_finished: dict[int, VllmSequence] = {}
         self.prefill_tokens = 0
         self.decode_tokens = 0
+        self.prefix = VllmPrefixStats() if prefix_caching else None
 
     @classmethod
     def build(cls, model_dir: str, dtype: str, options: VllmOptions, config: EngineConfig,
@@ -154,7 +168,7 @@ class VllmEngine:
                   "vllm_args": args, "max_num_seqs": config.max_num_seqs,
                   "max_num_batched_tokens": config.max_num_batched_tokens, "max_model_len": config.max_model_len,
                   "max_waiting": config.max_waiting, "kv_cache_mib": round(options.kv_cache_gib * 1024, 1)}
-        return cls(llm, config, eos_token_ids, report)
+        return cls(llm, config, eos_token_ids, report, prefix_caching=options.enable_prefix_caching)
 
     # --- requests ---------------------------------------------------------------------------------
     def add(self, request: GenerationRequest) -> int:
@@ -239,6 +253,9 @@ class VllmEngine:
                 seq.first_token_at = getattr(stats, "first_token_ts", 0.0) or now
                 seq.prefix_hit_tokens = int(out.num_cached_tokens or 0)
                 self.prefill_tokens += seq.prompt_len - seq.prefix_hit_tokens
+                if self.prefix is not None:
+                    self.prefix.query_tokens += seq.prompt_len
+                    self.prefix.hit_tokens += seq.prefix_hit_tokens
                 self.decode_tokens += max(0, len(new) - 1)  # the first token came from the prefill
             else:
                 self.decode_tokens += len(new)
