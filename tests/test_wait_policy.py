@@ -3,6 +3,8 @@ start, which libgomp reads once), and a bad count is refused before any process 
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import httpx
@@ -28,9 +30,8 @@ def _worker_environment(server) -> dict[str, str]:
 @pytest.mark.parametrize(("overrides", "policy", "count"), [
     ([], "PASSIVE", "0"),                                      # the shipped default (one-shot): sleep at once
     (["hardware.spin_count=30000"], "PASSIVE", "30000"),       # a short bounded spin (a box of its own)
-    (["hardware.spin_count=null"], "PASSIVE", None),           # libgomp's own count (0 when passive)
     (["hardware.spin_wait=true"], "ACTIVE", None),             # spin without bound: the count would cap it
-], ids=["default", "bounded", "null", "spin_wait"])
+], ids=["default", "bounded", "spin_wait"])
 def test_the_worker_starts_with_the_configured_openmp_wait(serve, tiny_dir, monkeypatch, overrides, policy, count):
     _clean_environment(monkeypatch)
     server = serve(["model=tiny", f"model.path={tiny_dir}", "cache=none", "tracing=none", *overrides])
@@ -39,17 +40,29 @@ def test_the_worker_starts_with_the_configured_openmp_wait(serve, tiny_dir, monk
     assert env.get("GOMP_SPINCOUNT") == count
 
 
-@pytest.mark.parametrize(("overrides", "policy"), [
-    ([], "ACTIVE"),                          # null: decode's many small parallel regions spin
-    (["hardware.spin_wait=false"], "PASSIVE"),  # an explicit setting wins over the model's kind
-], ids=["default", "explicit_false"])
-def test_a_generative_model_spins_by_default(serve, tiny_chat_dir, monkeypatch, overrides, policy):
+@pytest.mark.parametrize(("overrides", "count"), [
+    ([], "300000"),                          # null: a ~3 ms spin bridges decode's many small parallel regions
+    (["hardware.spin_count=0"], "0"),        # an explicit count wins over the model's kind
+], ids=["default", "explicit_count"])
+def test_a_generative_model_spins_briefly_by_default(serve, tiny_chat_dir, monkeypatch, overrides, count):
     _clean_environment(monkeypatch)
-    server = serve(["model=hf_causal_lm", f"model.path={tiny_chat_dir}", "cache=none", "tracing=none",
-                    *overrides])
+    server = serve(["model=hf_causal_lm", f"model.path={tiny_chat_dir}", "model.served_name=tiny_chat",
+                    "cache=none", "tracing=none", *overrides])
     env = _worker_environment(server)
-    assert env.get("OMP_WAIT_POLICY") == policy
-    assert env.get("GOMP_SPINCOUNT") == (None if policy == "ACTIVE" else "0")
+    assert env.get("OMP_WAIT_POLICY") == "PASSIVE" and env.get("GOMP_SPINCOUNT") == count
+    # The spin is bounded: once the server is idle its threads sleep (OMP_WAIT_POLICY=ACTIVE kept a core busy).
+    pid = httpx.get(f"{server.url}/info", timeout=30).json()["engine"][0]["pid"]
+    body = {"model": "tiny_chat", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
+    assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).status_code == 200
+    time.sleep(0.5)
+    before = _cpu_seconds(pid)
+    time.sleep(2.0)
+    assert _cpu_seconds(pid) - before < 0.5  # spinning without bound: 2.0 s of a core
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
 def test_a_count_the_user_exported_wins(serve, tiny_dir, monkeypatch):

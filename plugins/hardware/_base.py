@@ -34,6 +34,11 @@ _ON_ALIASES = {"true", "yes", "on", "1"}
 # Each distinct input shape may cost dynamo a recompile; buckets keep their number small, but the
 # default limit (8) would silently fall back to eager after batch buckets x sequence buckets shapes.
 RECOMPILE_LIMIT = 64
+# GOMP_SPINCOUNT of a generative model's worker (hardware.spin_count null): libgomp's own default when no
+# wait policy is set, ~3 ms. It bridges decode's gaps between parallel regions (SmolLM2 on vLLM, one start
+# each in the same minutes: ITL 50.2 ms at 300000, 43.0 at 1000000, 48.5 with OMP_WAIT_POLICY=ACTIVE, against
+# 81-85 at 0), and an idle server's threads sleep 3 ms after its last step (ACTIVE kept a core busy while idle).
+GENERATION_SPIN_COUNT = 300_000
 
 
 @dataclass
@@ -55,20 +60,19 @@ class EngineConfig:
     onnx_int8_exclude: list[str] = field(default_factory=list)  # fnmatch patterns of ONNX node names kept fp32
     onnx_min_quality: float | None = 0.99  # worst calibration quality (cosine) of ORT vs torch outputs
     onnx_providers: list[str] | None = None  # None: TensorRT, CUDA (on a GPU, where installed), then CPU
-    # Intra-op threads waiting for work spin (OpenMP ACTIVE, ORT allow_spinning) or sleep (false): spinning
-    # answers a few µs sooner on an idle machine, but when another process shares the cores a spinning
-    # thread burns the time slice its peer needs and every parallel region waits for it (MiniLM fp32,
-    # 2 threads, load ~6: 395 ms spinning against 44 ms passive; benchmarks/results/e2e_latency.md).
-    # null (default): spin for a generative model, sleep for a one-shot one. Decode is a loop of many small
-    # parallel regions that keeps the worker's cores busy for the whole reply, and a sleeping pool wakes
-    # for each of them: SmolLM2 on vLLM had ITL 81-85 ms passive and 41.6 ms spinning (docs/vllm.md).
-    spin_wait: bool | None = None
-    # When threads sleep: how many times an idle OpenMP thread polls for work before it sleeps (libgomp's
-    # GOMP_SPINCOUNT; about 0.3 ms at 30000). 0 (default) sleeps at once, and on a VM every parallel region
-    # then waits for a sleeping vCPU to be woken: on the quiet 2-core VM MiniLM's forward took 28.3 ms at 0
-    # and 14.7 ms at 30000; beside a busy neighbour it took 23.3 ms at 0 and 130.5 ms at 30000
-    # (benchmarks/results/e2e_latency_spin*.md). null: libgomp's own count for the policy (0 when passive).
-    spin_count: int | None = 0
+    # Intra-op threads waiting for work spin without bound (OpenMP ACTIVE: for minutes, even on an idle
+    # server; ORT allow_spinning) or sleep after spin_count polls (false): when another process shares the
+    # cores a spinning thread burns the time slice its peer needs and every parallel region waits for it
+    # (MiniLM fp32, 2 threads, load ~6: 395 ms spinning against 44 ms passive; results/e2e_latency.md).
+    spin_wait: bool = False
+    # With spin_wait false: how many times an idle OpenMP thread polls for work before it sleeps (libgomp's
+    # GOMP_SPINCOUNT; about 1 ms per 100000). null (default): 0 for a one-shot model, GENERATION_SPIN_COUNT
+    # (~3 ms) for a generative one. 0 sleeps at once, and on a VM every parallel region then waits for a
+    # sleeping vCPU to be woken: on the quiet 2-core VM MiniLM's forward took 28.3 ms at 0 and 14.7 ms at
+    # 30000, but beside a busy neighbour 23.3 ms at 0 and 130.5 ms at 30000 (results/e2e_latency_spin*.md).
+    # Decode is a loop of many small parallel regions that keeps the cores busy for the whole reply, and
+    # a pool that sleeps at once is woken for each: SmolLM2 on vLLM had ITL 81-85 ms at 0 (docs/vllm.md).
+    spin_count: int | None = None
 
     def __post_init__(self) -> None:
         value = str(self.compile).strip()
@@ -191,7 +195,7 @@ _USER_WAIT_POLICY = _exported_by_user("OMP_WAIT_POLICY")
 _USER_SPIN_COUNT = _exported_by_user("GOMP_SPINCOUNT")
 
 
-def apply_wait_policy(spin: bool, spin_count: int | None = None) -> None:
+def apply_wait_policy(spin: bool, spin_count: int | None = 0) -> None:
     """``OMP_WAIT_POLICY`` and ``GOMP_SPINCOUNT`` for the worker processes this process will spawn
     (``hardware.spin_wait``, ``hardware.spin_count``). A spinning policy spins without bound, so the count
     only applies to the sleeping one; a variable the user exported is left as it is."""
@@ -212,11 +216,12 @@ class EngineHardware(HardwarePlugin):
     def devices(self) -> int | str:
         return self.config.devices if self.config.devices is not None else "auto"
 
-    def spins(self, model: ModelPlugin | None) -> bool:
-        """Whether idle intra-op threads spin for ``model`` (``spin_wait``; null: spin for generation)."""
-        if self.config.spin_wait is not None:
-            return bool(self.config.spin_wait)
-        return isinstance(model, GenerativeModelPlugin)
+    def wait_policy(self, model: ModelPlugin | None) -> tuple[bool, int | None]:
+        """``(spin, spin_count)`` for ``model``'s worker: ``spin_count`` null resolves by the model's kind."""
+        count = self.config.spin_count
+        if count is None:
+            count = GENERATION_SPIN_COUNT if isinstance(model, GenerativeModelPlugin) else 0
+        return bool(self.config.spin_wait), count
 
     # --- validation --------------------------------------------------------------------------
     def check(self, ctx: CheckContext) -> list[str]:
@@ -224,7 +229,7 @@ class EngineHardware(HardwarePlugin):
         # it validates its config (hardware=auto asks torch for a GPU, below), before any hook of ours
         # runs: so the variable is set first thing here, when the server's main process validates (the
         # model is known by then), and the spawned workers inherit it.
-        apply_wait_policy(self.spins(ctx.model), self.config.spin_count)
+        apply_wait_policy(*self.wait_policy(ctx.model))
         info = self.info()
         found = self._runtime_check(ctx)
         if info.accelerator != "cuda":

@@ -245,7 +245,7 @@ def prepare(model: ModelPlugin, device: str, cfg: Any, batch: Any) -> dict:
     names = [f"input_{i}" for i in range(len(inputs))]
     t = time.perf_counter()
     plist = providers(device, cfg.onnx_providers)
-    session = open_session(path, plist, cfg.threads, bool(cfg.spin_wait))  # null: one-shot models sleep
+    session = open_session(path, plist, cfg.threads, cfg.spin_wait)
     out_names = [o.name for o in session.get_outputs()]
     report["session_ms"] = round((time.perf_counter() - t) * 1000.0, 1)
     report["providers"] = session.get_providers()
