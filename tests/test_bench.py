@@ -403,6 +403,18 @@ def test_sweep_report_ranks_configs_and_writes_table_csv_plot(tmp_path):
     assert written["winner"].startswith("quantization=int8_dynamic")
 
 
+def test_a_sweep_report_is_rebuilt_without_the_bench_extra(tmp_path):
+    # `python -m framework.bench.sweep DIR` where hdrhistogram and matplotlib are not installed: the
+    # table and the CSV are written, and the missing picture names the install.
+    _fake_sweep(tmp_path)
+    block = "import sys; sys.modules.update(hdrh=None, matplotlib=None); from framework.bench.sweep import main; "
+    done = subprocess.run([sys.executable, "-c", block + f"raise SystemExit(main([{str(tmp_path)!r}]))"],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "comparison.md").exists() and (tmp_path / "comparison.csv").exists()
+    assert "pip install 'hydraserve[bench]'" in (tmp_path / "plot_error.txt").read_text()
+
+
 def test_a_chat_sweep_table_shows_the_token_pace_and_the_chat_slo(tmp_path):
     def chat(ttft, tpot, tokens_per_s):
         return {"slo": {"ttft_ms": 1000, "itl_ms": 100, "itl_metric": "tpot"}, "ttft_ms": {"p50": ttft},

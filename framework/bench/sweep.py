@@ -486,7 +486,10 @@ def aggregate(sweep_dir: str | Path, recommend: bool = False, min_quality: float
     written["table"], written["csv"] = write_table(ranked, out_dir, winner, min_quality, fastest)
     try:
         written["plot"] = plot(ranked, out_dir, winner, min_quality)
-    except Exception as exc:  # the table is what matters; a plotting failure is noted, not fatal
+    except ImportError as exc:  # the table is what matters: the picture needs the bench extra's matplotlib
+        (out_dir / "plot_error.txt").write_text(f"{exc}; install it with: pip install 'hydraserve[bench]'\n")
+        log.warning("no comparison.png: %s; install it with: pip install 'hydraserve[bench]'", exc)
+    except Exception as exc:  # a plotting failure is noted, not fatal
         (out_dir / "plot_error.txt").write_text(f"{type(exc).__name__}: {exc}\n")
     picks = (("winner", "recommendation", RECOMMENDED_NAME, "throughput", winner),
              ("fastest", "latency_recommendation", RECOMMENDED_LATENCY_NAME, "latency", fastest))
