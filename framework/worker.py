@@ -14,13 +14,11 @@ import os
 import time
 from collections import deque
 
-import orjson
-
 from framework import metrics, tracing
 from framework.engine import pad_items
 from framework.errors import RequestError
 from framework.plugin import BatchingPlugin, HardwarePlugin, ModelPlugin
-from framework.tracing.otlp import exception_attributes
+from framework.tracing.otlp import Slot, SpanTree, exception_attributes
 from framework.transport.base import WorkerChannel
 from framework.transport.protocol import (
     ProtocolError,
@@ -83,9 +81,14 @@ class BatchRunner:
         self.hardware = hardware
         self.channel = channel
         self.labels = labels  # model/quantization/device attributes for spans
-        self._forward_json: dict[int, orjson.Fragment] = {}
         self.batch_counter = 0
         self.batch_id_prefix = f"{os.getpid():x}-"  # batch.id = worker pid (hex) - batch number
+        # A batch's spans, encoded with one % formatting from the times and counts of each batch.
+        self._tree = SpanTree([
+            ("batch", -1, {"batch.size": Slot(), "batch.id": Slot(self.batch_id_prefix), "batch.requests": Slot()}),
+            ("preprocess", 0, None),
+            ("model.forward", 0, {**labels, "batch.size": Slot()}),
+            ("postprocess", 0, None)])
 
     def _compute(self, items: list) -> tuple[list, dict]:
         n = len(items)
@@ -169,34 +172,24 @@ class BatchRunner:
 
     def _spans(self, size: int, requests: int, phases: dict | None, start_ns: int,
                failure: dict | None = None) -> bytes:
-        """The batch's spans, OTLP/JSON (``tracing.encode_spans``), for the answers to carry.
+        """The batch's spans, OTLP/JSON (``tracing.encode_spans``' format), for the answers to carry.
 
         The worker records no spans itself: the API process that holds each request's SERVER span
         records these under it when the answer arrives, without parsing them (see ``with_spans``).
-        So tracing costs the worker one ``encode_spans`` per batch and a few hundred bytes per
-        answer: the worker is what a real model keeps busy. The API process pays for one more queued
+        So tracing costs the worker one ``SpanTree.encode`` per batch (one % formatting) and a few
+        hundred bytes per answer: the worker is what a real model keeps busy. The API process pays for one more queued
         record per sampled request (benchmarks/instructions.py: about 6K instructions).
         Per-request child spans (not span links): each request's trace shows the batch it rode in,
         and ``batch.id`` ties together the requests that shared it.
         """
-        attrs = {"batch.size": size, "batch.id": self.batch_id_prefix + str(self.batch_counter),
-                 "batch.requests": requests}
         # The batch ends as its answers start to go out: what follows is the trip back to the API process.
-        spans = [("batch", start_ns, time.time_ns(), attrs, -1, failure)]
-        if phases is not None:
-            (p0, p1), (f0, f1), (q0, q1) = phases["pre"], phases["fwd"], phases["post"]
-            spans += (("preprocess", p0, p1, None, 0, None),
-                      ("model.forward", f0, f1, self._forward_attributes(size), 0, None),
-                      ("postprocess", q0, q1, None, 0, None))
-        return tracing.encode_spans(spans)
-
-    def _forward_attributes(self, size: int) -> orjson.Fragment:
-        """``model.forward``'s attributes (model, quantization, device, batch size) as ready JSON: they
-        only change with the batch size, so each size is serialized once per worker."""
-        cached = self._forward_json.get(size)
-        if cached is None:
-            cached = self._forward_json[size] = tracing.attributes_json({**self.labels, "batch.size": size})
-        return cached
+        end_ns = time.time_ns()
+        if phases is None:  # a failed request, on its own: the batch span with the error
+            attrs = {"batch.size": size, "batch.id": self.batch_id_prefix + str(self.batch_counter),
+                     "batch.requests": requests}
+            return tracing.encode_spans([("batch", start_ns, end_ns, attrs, -1, failure)])
+        (p0, p1), (f0, f1), (q0, q1) = phases["pre"], phases["fwd"], phases["post"]
+        return self._tree.encode((start_ns, end_ns, size, self.batch_counter, requests, p0, p1, f0, f1, size, q0, q1))
 
 
 def serve_forever(model: ModelPlugin, batching: BatchingPlugin, hardware: HardwarePlugin,

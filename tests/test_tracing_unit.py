@@ -23,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from framework import metrics, traces_view, tracing
 from framework.settings import TracingConfig
-from framework.tracing import exception_attributes
+from framework.tracing import exception_attributes, otlp
 from framework.worker import Pending, _parse, with_spans
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -108,7 +108,7 @@ def test_queue_wait_is_exact_in_whole_nanoseconds_at_any_clock_value(start_mono,
     queued = Pending("1", "api-1", [1], start_mono - wait_s, start_mono + 1, sampled=True)
     batch = tracing.encode_spans([("batch", 1, 2, {}, -1, None)])
     line = with_spans(b'{"id": "1"}', batch, queued, start_mono, 10**18).partition(b"\n")[2]
-    wait = orjson.loads(line)[-1]
+    wait = orjson.loads(b"[%s]" % otlp.fill(line, "ab" * 16, "cd" * 8, None))[-1]
     start_ns, end_ns = int(wait["startTimeUnixNano"]), int(wait["endTimeUnixNano"])
     assert wait["name"] == "queue.wait" and end_ns - start_ns == round(wait_s * 1e9)
 
@@ -316,6 +316,25 @@ def test_record_tree_nests_spans_given_as_entries_or_as_json(tmp_path):
     assert {s["trace_id"] for s in spans.values()} == {root["trace_id"]}
 
 
+def test_a_span_tree_encodes_what_encode_spans_does_and_each_call_gets_fresh_ids(monkeypatch):
+    labels = {"model": "100% %(t)s", "ratio": 0.5, "on": True}
+    tree = otlp.SpanTree([("batch %s", -1, {"batch.size": otlp.Slot(), "batch.id": otlp.Slot("7b%-")}),
+                          ("model.forward", 0, {**labels, "batch.size": otlp.Slot()}), ("post", 0, None)])
+    t0 = time.time_ns()
+    values = (t0, t0 + 9, 3, 41, t0 + 1, t0 + 5, 3, t0 + 5, t0 + 8)
+    entries = [("batch %s", t0, t0 + 9, {"batch.size": 3, "batch.id": "7b%-41"}, -1, None),
+               ("model.forward", t0 + 1, t0 + 5, {**labels, "batch.size": 3}, 0, None),
+               ("post", t0 + 5, t0 + 8, None, 0, None)]
+    monkeypatch.setattr(otlp, "_getrandbits", lambda bits: 0xABCDEF)  # the same ids from both
+    assert tree.encode(values) == otlp.encode_spans(entries)
+    monkeypatch.undo()
+    one, two = (orjson.loads(b"[%s]" % otlp.fill(tree.encode(values), "ab" * 16, "cd" * 8, None)) for _ in range(2))
+    assert one[0]["parentSpanId"] == "cd" * 8 and one[1]["parentSpanId"] == one[0]["spanId"]
+    assert one[0]["spanId"] != two[0]["spanId"]
+    with pytest.raises(ValueError, match="entry 1's parent must be an earlier entry or -1"):
+        otlp.SpanTree([("a", -1, None), ("b", 1, None)])
+
+
 def test_the_worker_answers_a_sampled_request_with_its_spans_and_drops_a_malformed_message():
     base = {"id": "a-1", "to": "1", "items": ["x"], "t": 100.0, "dl": 102.0}
     assert not _parse(orjson.dumps(base)).sampled  # a plain answer
@@ -326,11 +345,11 @@ def test_the_worker_answers_a_sampled_request_with_its_spans_and_drops_a_malform
     # Queued 5 µs (monotonic clock) before the batch started at 10_000 ns (wall clock).
     answer, _, carried = with_spans(b'{"id":"a-1","out":[1]}', spans, queued, 100.000005, 10_000).partition(b"\n")
     assert orjson.loads(answer) == {"id": "a-1", "out": [1]}
-    (batch, wait) = orjson.loads(carried)
+    (batch, wait) = orjson.loads(b"[%s]" % otlp.fill(carried, "ab" * 16, "cd" * 8, None))
     assert (batch["name"], batch["startTimeUnixNano"], batch["endTimeUnixNano"]) == ("batch", "10000", "20000")
     assert wait["name"] == "queue.wait" and abs(int(wait["startTimeUnixNano"]) - 5_000) <= 1
     # The request's span is the parent of both: the API process fills its id in.
-    assert wait["endTimeUnixNano"] == "10000" and wait["parentSpanId"] == batch["parentSpanId"] == "%(p)s"
+    assert wait["endTimeUnixNano"] == "10000" and wait["parentSpanId"] == batch["parentSpanId"] == "cd" * 8
 
 
 def test_a_chunk_that_cannot_be_written_is_logged_and_counted_not_raised_into_the_request(tmp_path, caplog,
