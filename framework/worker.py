@@ -177,8 +177,8 @@ class BatchRunner:
         The worker records no spans itself: the API process that holds each request's SERVER span
         records these under it when the answer arrives, without parsing them (see ``with_spans``).
         So tracing costs the worker one ``SpanTree.encode`` per batch (one % formatting) and a few
-        hundred bytes per answer: the worker is what a real model keeps busy. The API process pays for one more queued
-        record per sampled request (benchmarks/instructions.py: about 6K instructions).
+        hundred bytes per answer: the worker is what a real model keeps busy. The API process pays for
+        one more queued record per sampled request.
         Per-request child spans (not span links): each request's trace shows the batch it rode in,
         and ``batch.id`` ties together the requests that shared it.
         """
