@@ -61,6 +61,7 @@ from benchmarks.generation import (  # noqa: E402
     server_metrics,
 )
 from framework.launch import ServerProcess  # noqa: E402
+from plugins.hardware._base import set_by_hydraserve  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 SERVED_NAME = "SmolLM2-135M-Instruct"
@@ -86,8 +87,7 @@ def hydraserve_waits(overrides: list[str]) -> dict[str, str]:
     from framework.config import compose, validate
 
     validate(compose(overrides))
-    ours = [name for name in os.environ.get("HYDRASERVE_OPENMP_SET", "").split(",") if name]
-    return {name: os.environ[name] for name in ours if name in os.environ}
+    return set_by_hydraserve()
 
 
 def free_port() -> int:
@@ -100,7 +100,7 @@ def user_environment() -> dict[str, str]:
     """This process's environment without the OpenMP variables hydraserve's own validate set in it
     (``model_folder_and_args`` validates the shipped config, which sets them for the workers it would spawn):
     the bare server runs as a user would start it, not with hydraserve's thread policy."""
-    ours = {name for name in os.environ.get("HYDRASERVE_OPENMP_SET", "").split(",") if name}
+    ours = set_by_hydraserve()
     return {k: v for k, v in os.environ.items() if k not in ours and k != "HYDRASERVE_OPENMP_SET"}
 
 

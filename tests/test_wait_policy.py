@@ -21,9 +21,12 @@ def _clean_environment(monkeypatch) -> None:
         monkeypatch.delenv(name)
 
 
+def _worker_pid(server) -> int:
+    return httpx.get(f"{server.url}/info", timeout=30).json()["engine"][0]["pid"]
+
+
 def _worker_environment(server) -> dict[str, str]:
-    pid = httpx.get(f"{server.url}/info", timeout=30).json()["engine"][0]["pid"]
-    raw = Path(f"/proc/{pid}/environ").read_bytes()
+    raw = Path(f"/proc/{_worker_pid(server)}/environ").read_bytes()
     return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
 
 
@@ -51,7 +54,7 @@ def test_a_generative_model_spins_briefly_by_default(serve, tiny_chat_dir, monke
     env = _worker_environment(server)
     assert env.get("OMP_WAIT_POLICY") == "PASSIVE" and env.get("GOMP_SPINCOUNT") == count
     # The spin is bounded: once the server is idle its threads sleep (OMP_WAIT_POLICY=ACTIVE kept a core busy).
-    pid = httpx.get(f"{server.url}/info", timeout=30).json()["engine"][0]["pid"]
+    pid = _worker_pid(server)
     body = {"model": "tiny_chat", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 8}
     assert httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).status_code == 200
     time.sleep(0.5)

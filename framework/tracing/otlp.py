@@ -216,7 +216,6 @@ class SpanTree:
             # The ids' random prefix is the last value (-1); the parent's id carries it too.
             order += [-1] * (1 + (parent >= 0)) + list(range(taken, taken + 2 + slots))
             taken += 2 + slots
-        self.values = taken
         self._template = b"[%s]" % b",".join(spans)
         self._order = operator.itemgetter(*order)
 

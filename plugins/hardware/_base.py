@@ -185,9 +185,15 @@ _WAIT_VARIABLES = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 _SET_BY_US = "HYDRASERVE_OPENMP_SET"
 
 
-def _exported_by_user(name: str) -> str | None:
+def set_by_hydraserve() -> dict[str, str]:
+    """The wait variables of this environment that a hydraserve validate set (not the user): what a
+    process started from here without hydraserve's thread policy must leave out."""
     ours = os.environ.get(_SET_BY_US, "").split(",")
-    return None if name in ours else os.environ.get(name)
+    return {name: os.environ[name] for name in _WAIT_VARIABLES if name in ours and name in os.environ}
+
+
+def _exported_by_user(name: str) -> str | None:
+    return None if name in set_by_hydraserve() else os.environ.get(name)
 
 
 # What the user exported before the server started: it wins over hardware.spin_wait and spin_count.
