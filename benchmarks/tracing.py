@@ -67,10 +67,12 @@ class Receiver:
             raise RuntimeError(f"OTLP receiver did not start: {line}")
         self.endpoint = line[1]
 
-    def stop(self) -> int:
+    def stop(self) -> tuple[int, int]:
+        """The spans and the POSTs that arrived (-1 when the receiver did not say)."""
         self.proc.terminate()
         out, _ = self.proc.communicate(timeout=60)
-        return next((int(x.split()[1]) for x in out.splitlines() if x.startswith("spans ")), -1)
+        counts = dict(x.split() for x in out.splitlines() if x.startswith(("spans ", "posts ")))
+        return int(counts.get("spans", -1)), int(counts.get("posts", -1))
 
 
 # ------------------------------------------------------------------------------------------- load
@@ -195,12 +197,14 @@ def main() -> int:
         file_spans = count_spans(servers["file"].output_dir)
         sampled_spans = count_spans(servers["file_10pct"].output_dir)
     finally:
-        otlp_spans = receiver.stop()
+        otlp_spans, otlp_posts = receiver.stop()
     return report(args, samples, rounds, n, seconds,
-                  {"file": file_spans, "otlp": otlp_spans, "none": 0, "none_again": 0, "file_10pct": sampled_spans})
+                  {"file": file_spans, "otlp": otlp_spans, "none": 0, "none_again": 0, "file_10pct": sampled_spans},
+                  otlp_posts)
 
 
-def report(args, samples: dict[str, list[dict]], rounds: int, n: int, seconds: int, spans: dict) -> int:
+def report(args, samples: dict[str, list[dict]], rounds: int, n: int, seconds: int, spans: dict,
+           otlp_posts: int) -> int:
     def med(name: str, key: str) -> float:
         return statistics.median(s[key] for s in samples[name])
 
@@ -256,10 +260,12 @@ def report(args, samples: dict[str, list[dict]], rounds: int, n: int, seconds: i
         f"`file` costs {file_row['cpu_ratio']:.3f}x the CPU per request of `none`.",
         "",
         "Spans exported counts what reached the file / the collector (every request makes a server span "
-        "and the worker's spans), so a configuration that silently exported nothing would show here.",
+        "and the worker's spans), so a configuration that silently exported nothing would show here. "
+        f"The collector received them in {otlp_posts} POSTs "
+        f"({otlp_row['spans'] / max(otlp_posts, 1):.0f} spans per POST).",
     ]
     data = {"rows": rows, "samples": samples, "machine": machine(), "quick": args.quick, "rounds": rounds,
-            "requests": n, "seconds": seconds}
+            "requests": n, "seconds": seconds, "otlp_posts": otlp_posts}
     path = write_results("tracing" + ("_quick" if args.quick else ""), "\n".join(lines) + "\n", data)
     print("\n".join(lines))
     print(f"\nwritten to {path}")

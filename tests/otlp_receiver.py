@@ -234,7 +234,7 @@ def _main() -> None:
     """``python tests/otlp_receiver.py [--count]``: a receiver in its own process.
 
     Prints ``endpoint <url>`` first. Without ``--count`` each span is printed as it arrives; with it
-    bodies are only kept, and decoded at exit (SIGINT/SIGTERM) into ``spans <n>``, so that a
+    bodies are only kept, and decoded at exit (SIGINT/SIGTERM) into ``spans <n>`` and ``posts <n>``, so that a
     benchmark's collector spends next to no CPU while the server under test is measured.
     """
     import argparse
@@ -265,6 +265,7 @@ def _main() -> None:
             pass
     if args.count:
         print(f"spans {count_spans(rx.raw_bodies)}", flush=True)
+        print(f"posts {len(rx.raw_bodies)}", flush=True)
 
 
 if __name__ == "__main__":

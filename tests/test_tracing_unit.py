@@ -206,6 +206,42 @@ def test_requests_never_send_to_the_network_themselves(monkeypatch):
         assert set(senders) == {"hydraserve-span-export"}
 
 
+def test_a_busy_server_posts_full_chunks_not_what_arrived_during_the_last_post(monkeypatch):
+    # Under saturation spans keep arriving while a POST waits for the collector. Sending those at
+    # once made many small POSTs (4x as many on benchmarks/tracing.py's echo server), each one's
+    # HTTP and thread hand-off shared by a few requests.
+    import threading
+
+    from framework.tracing.export import CHUNK
+
+    with OtlpHttpReceiver() as rx:
+        tracing.init_tracing(TracingConfig(exporter="otlp", endpoint=rx.endpoint, flush_interval_ms=3_600_000),
+                             RESOURCE, None)
+        exporter = tracing._state.exporter
+        sending, sizes = threading.Event(), []
+        real_send = exporter.sink.send
+
+        def slow_send(body: bytes) -> bool:
+            sending.set()
+            sizes.append(body.count(b'"spanId"'))
+            time.sleep(0.3)  # a collector that takes its time
+            return real_send(body)
+
+        monkeypatch.setattr(exporter.sink, "send", slow_send)
+        for _ in range(CHUNK):
+            tracing.start_request("r", None, {}).end(200)
+        assert sending.wait(30)
+        for _ in range(CHUNK // 2):  # arrive during the POST
+            tracing.start_request("r", None, {}).end(200)
+        rx.wait_for(CHUNK, timeout=30)
+        time.sleep(0.5)
+        assert sizes == [CHUNK]  # the half chunk waits for the next full one (or the interval)
+        for _ in range(CHUNK // 2):
+            tracing.start_request("r", None, {}).end(200)
+        assert len(rx.wait_for(2 * CHUNK, timeout=30)) == 2 * CHUNK
+        assert sizes == [CHUNK, CHUNK]
+
+
 def test_console_exporter_prints_spans(capsys):
     tracing.init_tracing(TracingConfig(exporter="console"), RESOURCE, None)
     tracing.start_request("printed", None, {}).end(200)

@@ -11,7 +11,8 @@ exporter's thread; to ``console`` as a line on stdout.
 Who drains: the file is written by the thread that fills a chunk (a write of a few KB: a thread
 woken for each chunk made every request of a saturated ``echo`` server cost ~40 µs more CPU on a
 2-core machine, in GIL hand-offs). The network and console may block, so only the exporter's own
-thread sends to them, woken by a full chunk. That thread also drains what is queued every
+thread sends to them, woken by a full chunk; it then sends full chunks only, so a busy server's
+POSTs stay a chunk each. That thread also drains what is queued every
 ``tracing.flush_interval_ms``, so spans leave under light traffic without the serving loops
 asking. Past ``tracing.max_queue_size`` queued entries (a collector down or slow) new spans are
 dropped and counted (``hydraserve_spans_dropped_total``): a request never waits for tracing.
@@ -237,9 +238,10 @@ class Exporter:
         """One OTLP/JSON ``TracesData`` line: this process's resource, its scope, and ``entries``."""
         return b"%s[%s]}]}]}\n" % (self.head, b",".join(entries))
 
-    def _drain(self) -> None:
+    def _drain(self, floor: int = 1) -> None:
+        """Send what is queued while at least ``floor`` entries are (a chunk: only full ones)."""
         queue = self.queue
-        while queue:
+        while len(queue) >= floor:
             entries = list(map(_popleft, repeat(queue, min(CHUNK, len(queue)))))
             try:
                 sent = self.sink.send(self.encode(entries))
@@ -261,9 +263,14 @@ class Exporter:
 
     def _run(self) -> None:
         while not self._stop:
-            self._wake.wait(self.flush_interval_s)
+            woken = self._wake.wait(self.flush_interval_s)
             self._wake.clear()
-            self.flush()
+            # Woken by a full chunk: send full chunks only. Sending the few spans that arrived during
+            # the last POST's round trip as well made a saturated server's POSTs small and many
+            # (each one's HTTP and thread hand-off cost shared by a few requests); the rest waits
+            # for the next full chunk or the interval.
+            with self._lock:
+                self._drain(self.chunk if woken else 1)
 
     def flush(self) -> None:
         """Export everything queued so far (any thread; the caller waits for the sink)."""
