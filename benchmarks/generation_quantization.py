@@ -1,6 +1,9 @@
 """Quantized generation on the real SmolLM2 (issue 18, item 4): speed, memory and the quality gate per scheme.
 
     .venv/bin/python benchmarks/generation_quantization.py [--quick] [--save] [--schemes none,bf16,...]
+    .venv/bin/python benchmarks/generation_quantization.py --schemes "none,int8_weight_only quantization.skip=[]"
+
+A scheme may carry overrides after it, space-separated (the second line: int8 weights for the LM head too).
 
 Each scheme runs in its own process (so RSS is that scheme's alone): ``validate(compose(["model=smollm2",
 "quantization=<scheme>"]))`` and ``prepare_generation`` (load, quantize in place, the language-model
@@ -79,7 +82,8 @@ def _engine_run(model, prompts, n, max_num_seqs):
 
 
 def one(scheme: str, n: int, streams: int, threads: int = 0) -> dict:
-    """One scheme, in this process: start it as the worker does, then time the engine."""
+    """One scheme (its name, then any overrides), in this process: start it as the worker does, then time
+    the engine."""
     import torch
 
     from framework.config import ConfigError, compose, validate
@@ -89,7 +93,8 @@ def one(scheme: str, n: int, streams: int, threads: int = 0) -> dict:
         torch.set_num_threads(threads)  # on a shared box, 1 thread avoids OpenMP barrier stalls
     out: dict = {"scheme": scheme, "torch_threads": torch.get_num_threads()}
     try:
-        r = validate(compose(["model=smollm2", f"quantization={scheme}"]))
+        name, *overrides = scheme.split()
+        r = validate(compose(["model=smollm2", f"quantization={name}", *overrides]))
     except ConfigError as exc:
         out["refused"] = str(exc).split("\n", 1)[-1].strip()
         return out
@@ -100,9 +105,10 @@ def one(scheme: str, n: int, streams: int, threads: int = 0) -> dict:
                                                  "warmup_ms", "quality_gate", "quality_floor",
                                                  "quantization_applied")}
     q = report.get("quality") or {}
-    out["token_agreement"] = q.get("token_agreement", 1.0 if scheme == "none" else None)
-    out["greedy_prefix_agreement"] = q.get("greedy_prefix_agreement", 1.0 if scheme == "none" else None)
-    out["perplexity_ratio"] = report.get("perplexity_ratio", 1.0 if scheme == "none" else None)
+    reference = 1.0 if scheme == "none" else None
+    out["token_agreement"] = q.get("token_agreement", reference)
+    out["greedy_prefix_agreement"] = q.get("greedy_prefix_agreement", reference)
+    out["perplexity_ratio"] = report.get("perplexity_ratio", reference)
     out["perplexity"] = q.get("perplexity")
     model = r.model
     prompts = [model.prompt_ids({"messages": [{"role": "user", "content": q}]}) for q in QUESTIONS]
