@@ -17,7 +17,9 @@ of the shipped config: max_num_seqs 16, max_num_batched_tokens 256, max_model_le
    hydraserve worker of this config starts with (``hardware.spin_wait``): hydraserve / this one is the cost
    of the layer alone, apart from the thread policy;
 2. ``hydraserve serve model=smollm2 model.engine=vllm`` (the shipped config otherwise: cache=disk, tracing);
-3. ``hydraserve serve model=smollm2`` (the native engine, for reference; ``--no-native`` skips it).
+3. ``hydraserve serve model=smollm2`` (the native engine, for reference; ``--no-native`` skips it);
+4. with ``--native-int8``, ``hydraserve serve model=smollm2 quantization=int8_weight_only`` (issue 18's
+   weight-only quantization, gated on quality at start).
 
 Each: warm-up, then streaming greedy chat with ``ignore_eos`` through httpx (``benchmarks/generation.py``'s
 client): concurrency 1 (``--reps`` requests of ``--new-tokens``: TTFT to the first content delta, ITL
@@ -27,7 +29,9 @@ deterministic request twice without it: the second must be a cache hit that vLLM
 generation token counters in /metrics do not move).
 
 Goals (issue 19): hydraserve+vLLM within 1.05x of bare vLLM on TTFT p50 and ITL p50 at concurrency 1 and on
-tokens/s over 16 streams. The load average is recorded around every server: others share the cores.
+tokens/s over 16 streams. Issue 18's, against the same bare vLLM (fp32) in the same run: the native engine's
+ITL at or below it and its tokens/s at or above it (item 1); int8 weight-only ITL at most half its ITL (item 4).
+The load average is recorded around every server: others share the cores.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 SERVED_NAME = "SmolLM2-135M-Instruct"
 HYDRA_VLLM = ["model=smollm2", "model.engine=vllm"]
 HYDRA_NATIVE = ["model=smollm2"]
+HYDRA_NATIVE_INT8 = ["model=smollm2", "quantization=int8_weight_only"]
 GOAL = 1.05
 
 
@@ -245,6 +250,8 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=None, help="concurrent streams (default 16, --quick 4)")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--no-native", action="store_true", help="skip hydraserve's native engine")
+    ap.add_argument("--native-int8", action="store_true",
+                    help="also the native engine with quantization=int8_weight_only (issue 18, item 4)")
     ap.add_argument("--eager", action="store_true",
                     help="both vLLM servers with enforce_eager (no torch.compile: minutes less per start on 2 cores)")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
@@ -288,6 +295,10 @@ def main() -> None:
         if not args.no_native:
             print(f"round {r + 1}: hydraserve native (load {load_avg()})", flush=True)
             one["hydra_native"] = run_hydraserve("native", HYDRA_NATIVE, questions, n, reps, with_cache_check=False)
+        if args.native_int8:
+            print(f"round {r + 1}: hydraserve native, int8 weights (load {load_avg()})", flush=True)
+            one["hydra_native_int8"] = run_hydraserve("native_int8", HYDRA_NATIVE_INT8, questions, n, reps,
+                                                      with_cache_check=False)
         one["ratios"] = ratios(one["hydra_vllm"], one["bare"])
         if "bare_same_waits" in one:
             one["ratios_same_waits"] = ratios(one["hydra_vllm"], one["bare_same_waits"])
@@ -305,6 +316,33 @@ def ratios(hydra: dict, bare: dict) -> dict:
     return {"ttft": hydra["c1"]["ttft_p50"] / bare["c1"]["ttft_p50"],
             "itl": hydra["c1"]["itl_p50"] / bare["c1"]["itl_p50"],
             "tokens_per_s": bare["streams"]["tokens_per_s"] / hydra["streams"]["tokens_per_s"]}
+
+
+def native_goals(rounds: list[dict], ns: int) -> list[str]:
+    """Issue 18's goals for the native engine against bare vLLM (fp32) in the same rounds, if they ran."""
+    def c1(r: dict, key: str) -> float:
+        return r[key]["c1"]["itl_p50"]
+
+    def tps(r: dict, key: str) -> float:
+        return r[key]["streams"]["tokens_per_s"]
+
+    goals = []
+    if "hydra_native" in rounds[0]:
+        goals += [("ITL p50, concurrency 1 (native fp32 / bare vLLM fp32), item 1", 1.0,
+                   [c1(r, "hydra_native") / c1(r, "bare") for r in rounds]),
+                  (f"tokens/s, {ns} streams (bare vLLM fp32 / native fp32), item 1", 1.0,
+                   [tps(r, "bare") / tps(r, "hydra_native") for r in rounds])]
+    if "hydra_native_int8" in rounds[0]:
+        goals.append(("ITL p50, concurrency 1 (native int8 weight-only / bare vLLM fp32), item 4", 0.5,
+                      [c1(r, "hydra_native_int8") / c1(r, "bare") for r in rounds]))
+    if not goals:
+        return []
+    lines = ["", "| goal (issue 18): the native engine vs bare vLLM | ratio | target | |",
+             "| --- | ---: | ---: | --- |"]
+    for label, target, values in goals:
+        verdict = "**met**" if max(values) <= target else "**missed**" if min(values) > target else "**mixed**"
+        lines.append(f"| {label} | {_range(values, '{:.3f}')}x | <= {target}x | {verdict} |")
+    return lines
 
 
 def _interrupt(*_) -> None:
@@ -330,7 +368,8 @@ def _range(values: list[float], fmt: str = "{:.1f}") -> str:
 def render(res: dict) -> list[str]:
     rounds = res["rounds_data"]
     servers = [("bare vLLM OpenAI server", "bare"), ("bare vLLM, hydraserve's thread waits", "bare_same_waits"),
-               ("hydraserve + vLLM", "hydra_vllm"), ("hydraserve native", "hydra_native")]
+               ("hydraserve + vLLM", "hydra_vllm"), ("hydraserve native", "hydra_native"),
+               ("hydraserve native, int8 weight-only", "hydra_native_int8")]
     servers = [(label, key) for label, key in servers if key in rounds[0]]
 
     def col(key: str, path: tuple[str, str], fmt: str = "{:.1f}") -> str:
@@ -362,6 +401,7 @@ def render(res: dict) -> list[str]:
             met = max(values) <= GOAL
             lines.append(f"| {label} | {_range(values, '{:.3f}')}x | <= {GOAL}x | "
                          f"{'**met**' if met else '**missed**' if min(values) > GOAL else '**mixed**'} |")
+    lines += native_goals(rounds, ns)
     lines += ["", "| server | TTFT p50 (ms) | ITL p50 (ms) | ITL p99 (ms) | tokens/s, "
               f"{ns} streams | ITL p99, {ns} streams (ms) | start-up (s) |",
               "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
