@@ -31,6 +31,22 @@ def example_plugin_site(tmp_path_factory) -> Path:
     return site
 
 
+@pytest.fixture(scope="module")
+def tokenizer():
+    """The tiny Llama's tokenizer (tests/tiny_llama.py), for the generation engine's tests."""
+    from tiny_llama import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    """A tiny random float64 Llama (tests/tiny_llama.py), for the generation engine's tests."""
+    from tiny_llama import build_model
+
+    return build_model(tokenizer)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     from plugins.model.tiny import TinyModel

@@ -1,7 +1,7 @@
 """The compiled decode step of the batched Llama forward (``compile_mode``, from ``hardware.compile``).
 
 One compiled forward (2 KV slots: batch buckets 1 and 2, one compile each) on the tiny float64 model of
-tests/test_generation_engine.py: greedy tokens equal the eager forward's and transformers' ``generate``
+tests/tiny_llama.py: greedy tokens equal the eager forward's and transformers' ``generate``
 whatever joins and leaves, and the compiled graph is what ran. A bad ``hardware.compile`` is refused
 before start; ``prepare_generation`` hands the hardware's value to the model's ``batched_forward``.
 """
@@ -10,23 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_generation_engine import build_model, build_tokenizer, greedy, prompts, reference, run
+from tiny_llama import greedy, prompts, reference, run
 
 from framework.config import compose, validate
 from framework.errors import ConfigError
 from framework.generation import EngineConfig, GenerationEngine
 from plugins.model._llama_batched import LlamaBatchedForward, batch_buckets
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return build_model(tokenizer)
-
 
 CFG = EngineConfig(max_num_seqs=2, max_num_batched_tokens=16, max_model_len=96)
 

@@ -9,23 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_generation_engine import build_model, build_tokenizer, greedy, make_engine, prompts, reference, run
+from tiny_llama import build_model, greedy, make_engine, prompts, reference, run
 
 from framework.generation import EngineConfig, GenerationEngine, GenerationRequest, SamplingParams
 from framework.generation.prefix_cache import PrefixCache
 from framework.generation.speculative import NgramConfig, propose
 from plugins.model._llama_batched import LlamaBatchedForward
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return build_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return build_model(tokenizer)
-
 
 CYCLE = 7  # the cycling model's next token is a fixed function of the current one, in cycles of 7
 
