@@ -320,7 +320,7 @@ def ratios(hydra: dict, bare: dict) -> dict:
 
 def native_goals(rounds: list[dict], ns: int) -> list[str]:
     """Issue 18's goals for the native engine against bare vLLM (fp32) in the same rounds, if they ran."""
-    def c1(r: dict, key: str) -> float:
+    def itl(r: dict, key: str) -> float:
         return r[key]["c1"]["itl_p50"]
 
     def tps(r: dict, key: str) -> float:
@@ -329,20 +329,22 @@ def native_goals(rounds: list[dict], ns: int) -> list[str]:
     goals = []
     if "hydra_native" in rounds[0]:
         goals += [("ITL p50, concurrency 1 (native fp32 / bare vLLM fp32), item 1", 1.0,
-                   [c1(r, "hydra_native") / c1(r, "bare") for r in rounds]),
+                   [itl(r, "hydra_native") / itl(r, "bare") for r in rounds]),
                   (f"tokens/s, {ns} streams (bare vLLM fp32 / native fp32), item 1", 1.0,
                    [tps(r, "bare") / tps(r, "hydra_native") for r in rounds])]
     if "hydra_native_int8" in rounds[0]:
         goals.append(("ITL p50, concurrency 1 (native int8 weight-only / bare vLLM fp32), item 4", 0.5,
-                      [c1(r, "hydra_native_int8") / c1(r, "bare") for r in rounds]))
+                      [itl(r, "hydra_native_int8") / itl(r, "bare") for r in rounds]))
     if not goals:
         return []
-    lines = ["", "| goal (issue 18): the native engine vs bare vLLM | ratio | target | |",
-             "| --- | ---: | ---: | --- |"]
-    for label, target, values in goals:
-        verdict = "**met**" if max(values) <= target else "**missed**" if min(values) > target else "**mixed**"
-        lines.append(f"| {label} | {_range(values, '{:.3f}')}x | <= {target}x | {verdict} |")
-    return lines
+    return ["", "| goal (issue 18): the native engine vs bare vLLM | ratio | target | |",
+            "| --- | ---: | ---: | --- |", *(goal_row(label, values, target) for label, target, values in goals)]
+
+
+def goal_row(label: str, values: list[float], target: float) -> str:
+    """A goals table's row: the ratios' range over the rounds and whether every round met ``target``."""
+    verdict = "**met**" if max(values) <= target else "**missed**" if min(values) > target else "**mixed**"
+    return f"| {label} | {_range(values, '{:.3f}')}x | <= {target}x | {verdict} |"
 
 
 def _interrupt(*_) -> None:
@@ -397,10 +399,7 @@ def render(res: dict) -> list[str]:
         for label, key in ((f"TTFT p50, concurrency 1 (hydraserve / {who})", "ttft"),
                            (f"ITL p50, concurrency 1 (hydraserve / {who})", "itl"),
                            (f"tokens/s, {ns} streams ({who} / hydraserve)", "tokens_per_s")):
-            values = [r[ratio_key][key] for r in rounds]
-            met = max(values) <= GOAL
-            lines.append(f"| {label} | {_range(values, '{:.3f}')}x | <= {GOAL}x | "
-                         f"{'**met**' if met else '**missed**' if min(values) > GOAL else '**mixed**'} |")
+            lines.append(goal_row(label, [r[ratio_key][key] for r in rounds], GOAL))
     lines += native_goals(rounds, ns)
     lines += ["", "| server | TTFT p50 (ms) | ITL p50 (ms) | ITL p99 (ms) | tokens/s, "
               f"{ns} streams | ITL p99, {ns} streams (ms) | start-up (s) |",
