@@ -75,9 +75,11 @@ def prepare_generation(model: GenerativeModelPlugin, quantization: QuantizationP
 
         report.update(quantize_and_gate(model, quantization, device))
     forward = model.batched_forward(config.max_num_seqs, config.max_model_len,
-                                    getattr(hardware.config, "compile", "off"))
+                                    compile_mode=getattr(hardware.config, "compile", "off"),
+                                    packed_weights=bool(getattr(hardware.config, "packed_weights", False)))
     engine = GenerationEngine(forward, model.tokenizer, config, eos_token_ids=model.eos_token_ids())
     report["decode_compile"] = forward.warmup() if hasattr(forward, "warmup") else {"compile_mode": "off"}
+    report.update(getattr(forward, "report", {}))  # e.g. how many weights were packed
     per_token = model.kv_bytes_per_token()
     report.update(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                   max_model_len=config.max_model_len, max_waiting=config.max_waiting,

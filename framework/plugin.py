@@ -175,7 +175,7 @@ class GenerativeModelPlugin(ModelPlugin):
                 self.tokenizer, self.module = load_my_model()
             def prompt_ids(self, prompt):
                 return self.tokenizer(prompt["text"])["input_ids"]
-            def batched_forward(self, max_num_seqs, max_model_len):
+            def batched_forward(self, max_num_seqs, max_model_len, **hardware_options):
                 return MyBatchedForward(self.module, max_num_seqs, max_model_len)
     """
 
@@ -199,12 +199,15 @@ class GenerativeModelPlugin(ModelPlugin):
         eos = getattr(self.tokenizer, "eos_token_id", None)
         return [] if eos is None else [int(eos)]
 
-    def batched_forward(self, max_num_seqs: int, max_model_len: int, compile_mode: str = "off") -> Any:
+    def batched_forward(self, max_num_seqs: int, max_model_len: int, compile_mode: str = "off",
+                        packed_weights: bool = False) -> Any:
         """A ``framework.generation.BatchedCausalLM`` over the loaded weights, with a KV cache of
         ``max_num_seqs`` slots of ``max_model_len`` positions (worker side, after ``load``).
+        The worker passes the hardware's settings as keywords; a forward may use or ignore each:
         ``compile_mode`` is ``hardware.compile`` (off | auto | default | max-autotune | reduce-overhead):
         a forward may compile its steps under it (and compile them in a ``warmup()`` method if it has
-        one) or ignore it."""
+        one); ``packed_weights`` is ``hardware.packed_weights`` (run eager CPU matmuls on weights
+        packed for the CPU's matmul library)."""
         raise NotImplementedError
 
     def kv_bytes_per_token(self) -> int | None:

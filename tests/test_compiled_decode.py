@@ -79,13 +79,16 @@ def test_prepare_generation_passes_the_hardware_compile_mode(tiny_chat_dir, monk
     seen = {}
     original = type(resolved.model).batched_forward
 
-    def spy(self, max_num_seqs, max_model_len, compile_mode="off"):
-        seen["compile_mode"] = compile_mode
-        return original(self, max_num_seqs, max_model_len)  # eager: this test does not pay for compiling
+    def spy(self, max_num_seqs, max_model_len, compile_mode="off", packed_weights=False):
+        seen.update(compile_mode=compile_mode, packed_weights=packed_weights)
+        # eager: this test does not pay for compiling
+        return original(self, max_num_seqs, max_model_len, packed_weights=packed_weights)
 
     monkeypatch.setattr(type(resolved.model), "batched_forward", spy)
     monkeypatch.setattr(type(resolved.hardware), "setup_process", lambda self: None)
     engine, report = prepare_generation(resolved.model, resolved.quantization, resolved.hardware, "cpu",
                                         resolved.batching.engine_config())
-    assert seen == {"compile_mode": "max-autotune"}
+    assert seen == {"compile_mode": "max-autotune", "packed_weights": True}  # hardware.packed_weights' default
     assert report["decode_compile"]["compile_mode"] == "off"
+    # The eager forward packed the tiny model's float32 Linear layers, and the report says so (/info).
+    assert report["packed_weights"] is True and report["packed_linears"] > 0

@@ -73,6 +73,11 @@ class EngineConfig:
     # Decode is a loop of many small parallel regions that keeps the cores busy for the whole reply, and
     # a pool that sleeps at once is woken for each: SmolLM2 on vLLM had ITL 81-85 ms at 0 (docs/vllm.md).
     spin_count: int | None = None
+    # Eager CPU generation: the model's float32 Linear layers run on oneDNN with their weights packed once
+    # (plugins/model/_packed_linear.py): SmolLM2's decode ITL 77 -> 56-66 ms and 16-stream tokens/s 80-86
+    # -> 105-118 on the 2-core VM, same greedy tokens. Quantized weights, GPU weights and compiled decode
+    # steps are never packed.
+    packed_weights: bool = True
 
     def __post_init__(self) -> None:
         value = str(self.compile).strip()

@@ -21,10 +21,12 @@ DTYPES = ("float32", "bfloat16", "float16")
 ENGINES = ("native", "vllm")
 
 
-def _llama_forward(model: Any, max_num_seqs: int, max_model_len: int, compile_mode: str = "off") -> Any:
+def _llama_forward(model: Any, max_num_seqs: int, max_model_len: int, compile_mode: str = "off",
+                   packed_weights: bool = False) -> Any:
     from plugins.model._llama_batched import LlamaBatchedForward
 
-    return LlamaBatchedForward(model, max_num_seqs, max_model_len, compile_mode=compile_mode)
+    return LlamaBatchedForward(model, max_num_seqs, max_model_len, compile_mode=compile_mode,
+                               packed_weights=packed_weights)
 
 
 #: ``config.model_type`` -> the ``BatchedCausalLM`` builder for that architecture.
@@ -264,12 +266,13 @@ class CausalLMPlugin(GenerativeModelPlugin):
                 ids.append(int(t))
         return ids
 
-    def batched_forward(self, max_num_seqs: int, max_model_len: int, compile_mode: str = "off") -> Any:
+    def batched_forward(self, max_num_seqs: int, max_model_len: int, compile_mode: str = "off",
+                        packed_weights: bool = False) -> Any:
         model_type = getattr(self.module.config, "model_type", None)
         why = unsupported_architecture(model_type)
         if why is not None:
             raise ValueError(why)
-        return BATCHED_FORWARDS[model_type](self.module, max_num_seqs, max_model_len, compile_mode)
+        return BATCHED_FORWARDS[model_type](self.module, max_num_seqs, max_model_len, compile_mode, packed_weights)
 
     def kv_bytes_per_token(self) -> int | None:
         if self.module is None:
