@@ -3,6 +3,8 @@
     .venv-vllm/bin/python benchmarks/generation_vllm.py              # 2 rounds (~10 minutes on 2 cores)
     .venv-vllm/bin/python benchmarks/generation_vllm.py --quick      # 1 round, 2 reps, 4 streams
     .venv-vllm/bin/python benchmarks/generation_vllm.py --save       # also writes results/generation_vllm.{md,json}
+    .venv-vllm/bin/python benchmarks/generation_vllm.py --native-int8 --native-unpacked --no-same-waits \
+        --save --save-as generation_native_vs_vllm                    # issue 18's goals for the native engine
 
 Runs in the vLLM venv (``make install-vllm``). SmolLM2-135M-Instruct fp32 (the packaged GGUF's dequantized
 safetensors, the folder ``model=smollm2 model.engine=vllm`` loads). One server at a time, each round in the
@@ -19,7 +21,9 @@ of the shipped config: max_num_seqs 16, max_num_batched_tokens 256, max_model_le
 2. ``hydraserve serve model=smollm2 model.engine=vllm`` (the shipped config otherwise: cache=disk, tracing);
 3. ``hydraserve serve model=smollm2`` (the native engine, for reference; ``--no-native`` skips it);
 4. with ``--native-int8``, ``hydraserve serve model=smollm2 quantization=int8_weight_only`` (issue 18's
-   weight-only quantization, gated on quality at start).
+   weight-only quantization, gated on quality at start);
+5. with ``--native-unpacked``, ``hydraserve serve model=smollm2 hardware.packed_weights=false`` (the native
+   engine's matmuls through ``F.linear`` on plain weights: the packed-weights lever's own A/B).
 
 Each: warm-up, then streaming greedy chat with ``ignore_eos`` through httpx (``benchmarks/generation.py``'s
 client): concurrency 1 (``--reps`` requests of ``--new-tokens``: TTFT to the first content delta, ITL
@@ -72,6 +76,7 @@ SERVED_NAME = "SmolLM2-135M-Instruct"
 HYDRA_VLLM = ["model=smollm2", "model.engine=vllm"]
 HYDRA_NATIVE = ["model=smollm2"]
 HYDRA_NATIVE_INT8 = ["model=smollm2", "quantization=int8_weight_only"]
+HYDRA_NATIVE_UNPACKED = ["model=smollm2", "hardware.packed_weights=false"]
 GOAL = 1.05
 
 
@@ -252,6 +257,10 @@ def main() -> None:
     ap.add_argument("--no-native", action="store_true", help="skip hydraserve's native engine")
     ap.add_argument("--native-int8", action="store_true",
                     help="also the native engine with quantization=int8_weight_only (issue 18, item 4)")
+    ap.add_argument("--native-unpacked", action="store_true",
+                    help="also the native engine with hardware.packed_weights=false (F.linear on plain weights)")
+    ap.add_argument("--save-as", default="generation_vllm", metavar="NAME",
+                    help="--save writes benchmarks/results/NAME.{md,json}")
     ap.add_argument("--eager", action="store_true",
                     help="both vLLM servers with enforce_eager (no torch.compile: minutes less per start on 2 cores)")
     ap.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
@@ -295,6 +304,10 @@ def main() -> None:
         if not args.no_native:
             print(f"round {r + 1}: hydraserve native (load {load_avg()})", flush=True)
             one["hydra_native"] = run_hydraserve("native", HYDRA_NATIVE, questions, n, reps, with_cache_check=False)
+        if args.native_unpacked:
+            print(f"round {r + 1}: hydraserve native, unpacked weights (load {load_avg()})", flush=True)
+            one["hydra_native_unpacked"] = run_hydraserve("native_unpacked", HYDRA_NATIVE_UNPACKED, questions, n,
+                                                          reps, with_cache_check=False)
         if args.native_int8:
             print(f"round {r + 1}: hydraserve native, int8 weights (load {load_avg()})", flush=True)
             one["hydra_native_int8"] = run_hydraserve("native_int8", HYDRA_NATIVE_INT8, questions, n, reps,
@@ -332,6 +345,9 @@ def native_goals(rounds: list[dict], ns: int) -> list[str]:
                    [itl(r, "hydra_native") / itl(r, "bare") for r in rounds]),
                   (f"tokens/s, {ns} streams (bare vLLM fp32 / native fp32), item 1", 1.0,
                    [tps(r, "bare") / tps(r, "hydra_native") for r in rounds])]
+    if "hydra_native_unpacked" in rounds[0]:
+        goals.append(("ITL p50, concurrency 1 (native packed / native unpacked: the `hardware.packed_weights` lever)",
+                      1.0, [itl(r, "hydra_native") / itl(r, "hydra_native_unpacked") for r in rounds]))
     if "hydra_native_int8" in rounds[0]:
         goals.append(("ITL p50, concurrency 1 (native int8 weight-only / bare vLLM fp32), item 4", 0.5,
                       [itl(r, "hydra_native_int8") / itl(r, "bare") for r in rounds]))
@@ -356,9 +372,9 @@ def finish(res: dict, args: argparse.Namespace) -> None:
     print("\n".join(md))
     if args.save:
         RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "generation_vllm.json").write_text(json.dumps(res, indent=2) + "\n")
-        (RESULTS / "generation_vllm.md").write_text("\n".join(md) + "\n")
-        print(f"wrote {RESULTS / 'generation_vllm.md'} and .json")
+        (RESULTS / f"{args.save_as}.json").write_text(json.dumps(res, indent=2) + "\n")
+        (RESULTS / f"{args.save_as}.md").write_text("\n".join(md) + "\n")
+        print(f"wrote {RESULTS / args.save_as}.md and .json")
 
 
 def _range(values: list[float], fmt: str = "{:.1f}") -> str:
@@ -371,6 +387,7 @@ def render(res: dict) -> list[str]:
     rounds = res["rounds_data"]
     servers = [("bare vLLM OpenAI server", "bare"), ("bare vLLM, hydraserve's thread waits", "bare_same_waits"),
                ("hydraserve + vLLM", "hydra_vllm"), ("hydraserve native", "hydra_native"),
+               ("hydraserve native, `hardware.packed_weights=false`", "hydra_native_unpacked"),
                ("hydraserve native, int8 weight-only", "hydra_native_int8")]
     servers = [(label, key) for label, key in servers if key in rounds[0]]
 
