@@ -2,8 +2,8 @@
 
 One ``Dispatcher`` per API process. It owns admission control (a bounded number of admitted but
 unanswered requests across API processes: beyond it 503), the in-flight table (request id -> the
-reply being waited for), deadlines (504, and the late answer of a request already answered 504,
-whose worker spans still join its trace), split/join (a request larger than the batcher's limit
+reply being waited for), deadlines (504; the late answer of a request already answered 504 is
+dropped, and its worker still records its spans in its trace), split/join (a request larger than the batcher's limit
 runs as several queued requests, joined back in order) and streams (a request's replies as they
 come). It speaks to workers only through ``framework/transport/protocol.py``'s frames and knows
 nothing of HTTP: the HTTP side (``framework/http.py``) turns its results into responses, and a new
@@ -31,23 +31,17 @@ from framework.transport.protocol import ProtocolError, decode_reply, encode_can
 log = logging.getLogger("hydraserve.dispatch")
 
 _NO_DEADLINE_S = 7 * 24 * 3600.0  # what a stream without a client deadline tells the worker
-_MAX_LATE = 1024  # timed-out sampled requests remembered for their worker's late answer
 
 
 class _Reply:
-    """Waits for one answer (``future``) or, for a streamed answer, collects its messages (``queue``).
+    """Waits for one answer (``future``) or, for a streamed answer, collects its messages (``queue``)."""
 
-    For a sampled request it also keeps the request's span (``parent``), to record the worker's spans
-    under when they arrive with the answer.
-    """
-
-    __slots__ = ("future", "queue", "worker", "parent")
+    __slots__ = ("future", "queue", "worker")
 
     def __init__(self, future: asyncio.Future | None, worker: int | None, queue: asyncio.Queue | None = None):
         self.future = future
         self.queue = queue
         self.worker = worker
-        self.parent: tracing.SpanRef | None = None
 
     def deliver(self, msg: dict) -> bool:
         """Hand over one message; True when this was the last one."""
@@ -119,7 +113,6 @@ class Dispatcher:
         self.channel: ApiChannel | None = None
         self.tracing_on = False
         self.inflight: dict[str, _Reply] = {}
-        self._late: dict[str, _Reply] = {}  # sampled requests answered 504 whose worker may still answer
         self._ids = itertools.count()
         self._background: set[asyncio.Task] = set()  # cancel frames being sent
         self._prefix = f"{os.getpid():x}-"
@@ -142,20 +135,13 @@ class Dispatcher:
         except ProtocolError as exc:  # a worker bug, never a reason to take the API process down
             log.warning("dropping a malformed reply from a worker (%d bytes): %s", len(raw), exc)
             return
-        msg, spans = frame.body, frame.spans
+        msg = frame.body
         if frame.kind == "dead":
             self._fail_worker(msg["dead"])
             return
         rid = msg["id"]
-        reply = self.inflight.get(rid)
-        waiting = reply is not None
-        if not waiting:  # the late answer of a request already answered 504 (or of nobody's)
-            reply = self._late.pop(rid, None)
-        if spans and reply is not None:
-            # The worker's spans of a sampled request, under the request's span. They stay the JSON
-            # the worker wrote (protocol.attach_spans): the file exporter writes them as they are.
-            tracing.record_tree(reply.parent, spans)
-        if waiting and reply.deliver(msg):
+        reply = self.inflight.get(rid)  # None: the late answer of a request already answered 504
+        if reply is not None and reply.deliver(msg):
             self.inflight.pop(rid, None)
 
     def _fail_worker(self, worker: int) -> None:
@@ -212,13 +198,9 @@ class Dispatcher:
         reply = reply_factory(worker)
         self.inflight[rid] = reply
         now = time.monotonic()
-        sampled = False
-        if self.tracing_on:
-            parent = tracing.current()
-            if parent is not None and parent.sampled:  # the worker sends its span timings back with the answer
-                sampled = True
-                reply.parent = parent
-        await self.channel.send(encode_request(rid, self.channel.reply_to, items, now, now + timeout_s, sampled),
+        # A sampled request's span goes with it: the worker records its own spans under it.
+        parent = tracing.sampled_current() if self.tracing_on else None
+        await self.channel.send(encode_request(rid, self.channel.reply_to, items, now, now + timeout_s, parent),
                                 worker)
         return reply
 
@@ -247,19 +229,9 @@ class Dispatcher:
         except NoWorkerAvailable as exc:
             return self.no_worker(exc)
         except asyncio.TimeoutError:
-            self._expect_late(rid, reply)
             return self.deadline(timeout_s)
         finally:
             self._release(rid, reply.worker if reply is not None else None)
-
-    def _expect_late(self, rid: str, reply: _Reply | None) -> None:
-        """A sampled request answered 504 may still be computed: keep what recording its worker
-        spans takes, so its trace shows where the time went (the oldest are forgotten first)."""
-        if reply is None or reply.parent is None:
-            return
-        self._late[rid] = reply
-        if len(self._late) > _MAX_LATE:
-            del self._late[next(iter(self._late))]
 
     @staticmethod
     def wait_s(gap_s: float, deadline: float | None) -> float:
@@ -304,7 +276,6 @@ class Dispatcher:
             first = await asyncio.wait_for(reply.queue.get(), wait)
         except (NoWorkerAvailable, asyncio.TimeoutError) as exc:
             if isinstance(exc, asyncio.TimeoutError):
-                self._expect_late(rid, reply)
                 self.cancel(rid, reply.worker)
             self._release(rid, reply.worker if reply is not None else None)
             return self.no_worker(exc) if isinstance(exc, NoWorkerAvailable) else self.deadline(wait)

@@ -5,8 +5,8 @@ and generates once so the first request does not pay for cold paths. ``serve_gen
 worker's loop: between two engine steps it takes every frame that arrived (new requests join the
 running batch at the next step; cancel frames drop their sequence before it), drops sequences whose
 client deadline passed, runs one step, and sends each sequence's new text as a chunk frame. A
-finished sequence's last chunk carries its finish reason and token counts, then an end frame (with
-the request's spans when its trace is sampled). Frames are the protocol's
+finished sequence's last chunk carries its finish reason and token counts, then an end frame; a
+sampled request's spans are recorded here, under the span its request frame names. Frames are the protocol's
 (``framework/transport/protocol.py``); nothing here knows HTTP or OpenAI.
 """
 
@@ -38,7 +38,6 @@ from framework.transport.protocol import (
     encode_chunk,
     encode_end,
     encode_error,
-    with_span_trailer,
 )
 
 log = logging.getLogger("hydraserve.worker")
@@ -216,18 +215,17 @@ class GenerationLoop:
         self._send(frame, encode_chunk(frame.id, {"t": out.text, "n": out.completion_tokens, "f": out.finish_reason,
                                                    "p": out.prompt_tokens}))
         seq = self.engine.finished(out.seq_id)
-        end = encode_end(frame.id)
+        self._send(frame, encode_end(frame.id))
         if seq is not None:
             metrics.observe_generation(
                 queue_s=(seq.admitted_at or frame.arrival) - frame.arrival,
                 prompt_tokens=out.prompt_tokens, output_tokens=out.completion_tokens)
-            if frame.sampled:
-                end = with_span_trailer(end, self._spans(frame, seq, out))
-        self._send(frame, end)
+            if frame.parent is not None:
+                tracing.record_tree(frame.parent, self._spans(frame, seq, out))
 
     def _spans(self, frame: RequestFrame, seq: Any, out: Any) -> bytes:
         """The request's worker spans: its wait for a KV slot, its prefill (to the first token) and its
-        decode (the rest), as OTLP/JSON (``tracing.encode_spans``) for the API process to record."""
+        decode (the rest), as OTLP/JSON (``tracing.encode_spans``), to record under its span."""
         now_mono, now_ns = time.monotonic(), time.time_ns()
         queued = _wall_ns(frame.arrival, now_mono, now_ns)
         admitted = _wall_ns(seq.admitted_at, now_mono, now_ns)

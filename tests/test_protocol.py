@@ -4,26 +4,27 @@ frame is refused with a ProtocolError (which receivers log and drop), never anot
 from __future__ import annotations
 
 import numpy as np
-import orjson
 import pytest
 
-from framework.tracing.otlp import fill
+from framework.tracing import SpanRef
 from framework.transport import protocol as p
 
 
 def test_request_round_trip_sampled_and_not():
-    for sampled in (True, False):
+    for state in (None, "v=1"):
+        sampled = SpanRef("ab" * 16, "cd" * 8, True, state)
         frame = p.decode_request(p.encode_request("r1", 3, ["a", {"b": 1}], 10.5, 40.5, sampled))
-        assert (frame.id, frame.reply_to, frame.items, frame.arrival, frame.deadline, frame.sampled) == \
-            ("r1", 3, ["a", {"b": 1}], 10.5, 40.5, sampled)
-        assert frame.n == 2
-    assert p.decode_request(p.encode_request("r2", "/tmp/sock", [1], 1, 2, False)).reply_to == "/tmp/sock"
+        assert (frame.id, frame.reply_to, frame.items, frame.arrival, frame.deadline) == \
+            ("r1", 3, ["a", {"b": 1}], 10.5, 40.5)
+        assert (frame.parent.trace_id, frame.parent.span_id, frame.parent.trace_state) == ("ab" * 16, "cd" * 8, state)
+        assert frame.parent.sampled and frame.parent.remote and frame.n == 2
+    plain = p.decode_request(p.encode_request("r2", "/tmp/sock", [1], 1, 2))
+    assert plain.reply_to == "/tmp/sock" and plain.parent is None
 
 
 def test_answer_round_trip_with_numpy_outputs():
     reply = p.decode_reply(p.encode_answer("r1", [np.array([0.5, 1.0], dtype=np.float32), "x"]))
-    assert (reply.kind, reply.id, reply.body["out"], reply.spans, reply.final) == ("out", "r1", [[0.5, 1.0], "x"],
-                                                                                  None, True)
+    assert (reply.kind, reply.id, reply.body["out"], reply.final) == ("out", "r1", [[0.5, 1.0], "x"], True)
 
 
 def test_error_round_trip():
@@ -46,22 +47,7 @@ def test_worker_dead_round_trip():
 
 def test_cancel_round_trip_and_requests_are_not_control_frames():
     assert p.decode_control(p.encode_cancel("r9")) == "r9"
-    assert p.decode_control(p.encode_request("r1", 0, [1], 1.0, 2.0, False)) is None
-
-
-def test_span_trailer_travels_unparsed_and_appends_queue_wait():
-    batch_spans = orjson.dumps([("batch", 100, 200, {"batch.size": 2}, -1, None)])
-    framed = p.attach_spans(p.encode_answer("r1", [1]), batch_spans, 50, 100)
-    reply = p.decode_reply(framed)
-    assert reply.body == {"id": "r1", "out": [1]}
-    # queue.wait is appended as an OTLP/JSON span, its trace and parent left for the API process to fill.
-    spans = orjson.loads(b"[%s]" % fill(reply.spans, "ab" * 16, "cd" * 8, None))
-    assert spans[0] == ["batch", 100, 200, {"batch.size": 2}, -1, None]  # the worker's bytes, unparsed
-    wait = spans[1]
-    assert (wait["name"], wait["startTimeUnixNano"], wait["endTimeUnixNano"]) == ("queue.wait", "50", "100")
-    assert wait["traceId"] == "ab" * 16 and wait["parentSpanId"] == "cd" * 8
-    errored = p.decode_reply(p.attach_spans(p.encode_error("r1", 500, "model failure"), batch_spans, 1, 2))
-    assert errored.kind == "err" and b'"name":"queue.wait"' in errored.spans
+    assert p.decode_control(p.encode_request("r1", 0, [1], 1.0, 2.0)) is None
 
 
 @pytest.mark.parametrize("raw, why", [
@@ -77,6 +63,10 @@ def test_span_trailer_travels_unparsed_and_appends_queue_wait():
     (b'{"id": "r", "to": 1, "items": [1], "t": "soon", "dl": 2}', "numbers"),
     (b'{"id": "r", "to": 1, "items": [1], "t": 1}', "numbers"),
     (b'{"id": "r", "to": 1, "items": [1], "t": true, "dl": 2}', "numbers"),
+    (b'{"id": "r", "to": 1, "items": [1], "t": 1, "dl": 2, "s": 1}', "'s' must be"),
+    (b'{"id": "r", "to": 1, "items": [1], "t": 1, "dl": 2, "s": ["ab", "cd"]}', "'s' must be"),
+    (b'{"id": "r", "to": 1, "items": [1], "t": 1, "dl": 2, "s": ["' + b'X' * 32 + b'", "' + b'c' * 16 + b'"]}',
+     "'s' must be"),
 ])
 def test_malformed_request_frames_are_refused(raw, why):
     with pytest.raises(p.ProtocolError, match=why):
@@ -94,7 +84,6 @@ def test_malformed_request_frames_are_refused(raw, why):
     (b'{"id": "r", "err": {"status": "500", "error": "x"}}', "integer 'status'"),
     (b'{"id": "r", "err": {"status": 500}}', "string 'error'"),
     (b'{"dead": "w1"}', "integer worker"),
-    (b'{"id": "r", "out": [1]}\nnot spans', "JSON array"),
 ])
 def test_malformed_reply_frames_are_refused(raw, why):
     with pytest.raises(p.ProtocolError, match=why):

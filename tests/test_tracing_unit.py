@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from framework import metrics, traces_view, tracing
 from framework.settings import TracingConfig
 from framework.tracing import exception_attributes, otlp
-from framework.worker import Pending, _parse, with_spans
+from framework.worker import Pending, _parse, record_spans
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from otlp_receiver import OtlpGrpcReceiver, OtlpHttpReceiver  # noqa: E402
@@ -51,18 +51,16 @@ def read_lines(path: Path) -> list[dict]:
 
 
 def make_request_trace(name: str = "POST /predict") -> str:
-    """What the server does: a SERVER span, a cache lookup, and the worker's spans, which arrive
-    after its answer as JSON and are recorded, unparsed, under the request's span as one tree."""
+    """What the server does: a SERVER span, a cache lookup, and the worker's spans, recorded as one
+    tree under the request's span that the request frame named (here in one process)."""
     span = tracing.start_request(name, {}, {"http.route": "/predict"})
     t0 = time.time_ns()
     tracing.record("cache.lookup", tracing.current(), t0, t0 + 1000, {"cache.result": "miss"})
     batch = tracing.encode_spans([("batch", t0, t0 + 9000, {"batch.size": 4}, -1, None),
                                   ("model.forward", t0 + 1000, t0 + 5000, {"batch.size": 4, "shape": [4, 8]}, 0, None)])
     start_mono = time.monotonic()
-    queued = Pending("1", "api-1", [1], start_mono - 0.002, start_mono + 1, sampled=True)
-    answer, _, spans = with_spans(b'{"id": "1", "out": [1]}', batch, queued, start_mono, t0).partition(b"\n")
-    assert orjson.loads(answer) == {"id": "1", "out": [1]}
-    tracing.record_tree(tracing.sampled_current(), spans)
+    queued = Pending("1", "api-1", [1], start_mono - 0.002, start_mono + 1, tracing.sampled_current())
+    record_spans(batch, queued, start_mono, t0)
     span.end(200)
     return span.ref.trace_id
 
@@ -102,13 +100,14 @@ def test_file_exporter_writes_the_request_tree_as_json_lines(tmp_path):
 
 @pytest.mark.parametrize("start_mono", [1000.0, 2369.9863, 86_400.125, time.monotonic()])
 @pytest.mark.parametrize("wait_s", [0.002, 0.000_001, 1.5])
-def test_queue_wait_is_exact_in_whole_nanoseconds_at_any_clock_value(start_mono, wait_s):
+def test_queue_wait_is_exact_in_whole_nanoseconds_at_any_clock_value(start_mono, wait_s, monkeypatch):
     """Seconds on the monotonic clock become nanoseconds by rounding: int() of 0.002 s read at
     1000.0 s gave 1,999,999 ns (and made the file exporter test above fail now and then)."""
-    queued = Pending("1", "api-1", [1], start_mono - wait_s, start_mono + 1, sampled=True)
-    batch = tracing.encode_spans([("batch", 1, 2, {}, -1, None)])
-    line = with_spans(b'{"id": "1"}', batch, queued, start_mono, 10**18).partition(b"\n")[2]
-    wait = orjson.loads(b"[%s]" % otlp.fill(line, "ab" * 16, "cd" * 8, None))[-1]
+    recorded = []
+    monkeypatch.setattr(tracing, "record_tree", lambda parent, spans: recorded.append(spans))
+    queued = Pending("1", "api-1", [1], start_mono - wait_s, start_mono + 1, tracing.SpanRef("ab" * 16, "cd" * 8, True))
+    record_spans(tracing.encode_spans([("batch", 1, 2, {}, -1, None)]), queued, start_mono, 10**18)
+    wait = orjson.loads(b"[%s]" % otlp.fill(recorded[0], "ab" * 16, "cd" * 8, None))[-1]
     start_ns, end_ns = int(wait["startTimeUnixNano"]), int(wait["endTimeUnixNano"])
     assert wait["name"] == "queue.wait" and end_ns - start_ns == round(wait_s * 1e9)
 
@@ -371,21 +370,26 @@ def test_a_span_tree_encodes_what_encode_spans_does_and_each_call_gets_fresh_ids
         otlp.SpanTree([("a", -1, None), ("b", 1, None)])
 
 
-def test_the_worker_answers_a_sampled_request_with_its_spans_and_drops_a_malformed_message():
+def test_the_worker_records_a_sampled_request_s_spans_under_its_span_and_drops_a_malformed_message(tmp_path):
     base = {"id": "a-1", "to": "1", "items": ["x"], "t": 100.0, "dl": 102.0}
-    assert not _parse(orjson.dumps(base)).sampled  # a plain answer
-    queued = _parse(orjson.dumps({**base, "s": 1}))
-    assert queued.sampled and queued.arrival == 100.0
+    assert _parse(orjson.dumps(base)).parent is None  # not sampled: the worker records nothing
+    queued = _parse(orjson.dumps({**base, "s": ["ab" * 16, "cd" * 8, "v=1"]}))
+    assert (queued.parent.trace_id, queued.parent.span_id, queued.parent.trace_state) == ("ab" * 16, "cd" * 8, "v=1")
+    assert queued.arrival == 100.0
     assert _parse(orjson.dumps({**base, "t": "soon"})) is None  # never a crash in the worker's loop
-    spans = tracing.encode_spans([("batch", 10_000, 20_000, None, -1, None)])
+    # Ids are written into the worker's spans as they are: anything but hex ids is refused.
+    assert _parse(orjson.dumps({**base, "s": ['ab"},{"x":"' + "0" * 21, "cd" * 8]})) is None
+    assert _parse(orjson.dumps({**base, "s": 1})) is None
+    tracing.init_tracing(TracingConfig(exporter="file"), RESOURCE, str(tmp_path))
     # Queued 5 µs (monotonic clock) before the batch started at 10_000 ns (wall clock).
-    answer, _, carried = with_spans(b'{"id":"a-1","out":[1]}', spans, queued, 100.000005, 10_000).partition(b"\n")
-    assert orjson.loads(answer) == {"id": "a-1", "out": [1]}
-    (batch, wait) = orjson.loads(b"[%s]" % otlp.fill(carried, "ab" * 16, "cd" * 8, None))
-    assert (batch["name"], batch["startTimeUnixNano"], batch["endTimeUnixNano"]) == ("batch", "10000", "20000")
-    assert wait["name"] == "queue.wait" and abs(int(wait["startTimeUnixNano"]) - 5_000) <= 1
-    # The request's span is the parent of both: the API process fills its id in.
-    assert wait["endTimeUnixNano"] == "10000" and wait["parentSpanId"] == batch["parentSpanId"] == "cd" * 8
+    record_spans(tracing.encode_spans([("batch", 10_000, 20_000, None, -1, None)]), queued, 100.000005, 10_000)
+    tracing.shutdown()
+    batch, wait = sorted(read_lines(tmp_path / "traces.jsonl"), key=lambda s: s["name"])
+    assert (batch["name"], batch["start_ns"], batch["end_ns"]) == ("batch", 10_000, 20_000)
+    assert wait["name"] == "queue.wait" and abs(wait["start_ns"] - 5_000) <= 1 and wait["end_ns"] == 10_000
+    # Both under the request's span, in its trace, with its tracestate.
+    assert wait["parent_span_id"] == batch["parent_span_id"] == "cd" * 8
+    assert wait["trace_id"] == batch["trace_id"] == "ab" * 16 and batch["trace_state"] == "v=1"
 
 
 def test_a_chunk_that_cannot_be_written_is_logged_and_counted_not_raised_into_the_request(tmp_path, caplog,

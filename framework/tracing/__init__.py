@@ -2,9 +2,10 @@
 
 One record shape and one path: a span is OTLP/JSON bytes from the moment it ends (``otlp.py``),
 queued as they are, and exported in chunks as an OTLP/JSON ``TracesData``: a line of
-``traces.jsonl``, or the body of an OTLP/HTTP POST (``export.py``). The worker's spans of a
-request arrive with its answer already encoded (:func:`record_tree`). The exporter's own thread
-keeps the time: nothing else has to ask for a flush.
+``traces.jsonl``, or the body of an OTLP/HTTP POST (``export.py``). Each process exports its own
+spans: a sampled request's frame carries its span to the worker (``framework/transport/protocol.py``),
+which records the batch's spans under it (:func:`record_tree`). The exporter's own thread keeps the
+time: nothing else has to ask for a flush.
 
 Why not the SDK's tracer on the request path: on this project's 2-core machine a span through
 ``start_as_current_span`` cost about 80 µs (sampler, context attach, attribute validation, a
@@ -20,7 +21,7 @@ The request path::
 
     span = tracing.start_request("POST /predict", request.scope["headers"], {"http.route": "/predict"})
     lookup = tracing.record("cache.lookup", tracing.current(), start_ns, end_ns, {"cache.result": "miss"})
-    tracing.record_tree(span, worker_spans)  # tracing.encode_spans([...]) in the worker
+    tracing.record_tree(request_frame.parent, tracing.encode_spans([...]))  # in the worker
     response.raw_headers.append((b"traceparent", span.header))  # the client learns its trace id
     span.end(200)
 """
@@ -400,9 +401,10 @@ def record(name: str, parent: SpanRef | None, start_ns: int, end_ns: int, attrib
 def record_tree(parent: SpanRef | None, spans: list[tuple] | bytes) -> None:
     """Record several finished spans under ``parent`` at once: a worker's spans of one request.
 
-    ``spans`` is what :func:`encode_spans` returned (bytes: how a worker's answer carries them,
-    queued without being parsed), or its entries ``(name, start_ns, end_ns, attributes,
-    parent_index, error)`` to encode here. Nothing is recorded when tracing is off or ``parent`` is
+    ``spans`` is what :func:`encode_spans` (or a :class:`~framework.tracing.otlp.SpanTree`)
+    returned, queued without being parsed, or its entries ``(name, start_ns, end_ns, attributes,
+    parent_index, error)`` to encode here. ``parent`` may be another process's span (the one a
+    request frame names in the worker). Nothing is recorded when tracing is off or ``parent`` is
     missing or not sampled.
     """
     state = _state

@@ -5,10 +5,11 @@ names and rules (camelCase keys, hex ids, 64-bit integers as strings, enums as n
 as ``{"key", "value"}`` lists), so exporting a chunk is joining its entries inside a ``TracesData``:
 the line of ``traces.jsonl`` and the body of an OTLP/HTTP POST are the same bytes.
 
-The worker's spans travel to the API process already encoded (:func:`encode_spans`) with two
+A worker encodes a batch's spans once (:func:`encode_spans`, :class:`SpanTree`) with two
 placeholders, ``%(t)s`` for the trace id and ``%(p)s`` for the request's span where it is the
-parent: the worker never learns the request's trace. The API process fills both with one bytes
-``%`` formatting (:func:`fill`) instead of parsing them; every other ``%`` in them is doubled.
+parent, because the requests sharing a batch belong to different traces; each sampled request's
+copy is then filled in with one bytes ``%`` formatting (:func:`fill`) instead of re-encoding it;
+every other ``%`` in them is doubled.
 The request path builds its bytes with ``%`` formatting too: on a 2-core machine a dict per span
 and an ``orjson.dumps`` of it cost several times more per ``echo`` request.
 """

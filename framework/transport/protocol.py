@@ -8,7 +8,8 @@ API process -> worker:
 
 * **request** ``{"id", "to", "items", "t", "dl"[, "s"]}``: ``to`` is the reply address, ``t`` the
   monotonic time the API process queued it, ``dl`` the monotonic deadline after which the client has
-  already been answered 504, ``s`` present when the request's trace is sampled.
+  already been answered 504, ``s`` present when the request's trace is sampled: ``[trace id, span id]``
+  of the request's span (and its ``tracestate``, if any), under which the worker records its own spans.
 * **cancel** ``{"cancel": id}``: the client went away; drop the request wherever it is.
 
 Worker -> API process (each a *reply*):
@@ -18,9 +19,6 @@ Worker -> API process (each a *reply*):
 * **chunk** ``{"id", "chunk": ...}`` one piece of a streamed answer; **end** ``{"id", "end": true}``
 * a generated request streams chunks ``{"t": new text, "n": output tokens so far}``; its last chunk
   adds ``"f"`` (finish reason) and ``"p"`` (prompt tokens), then its end frame follows.
-* a sampled request's answer, error or end is followed by a newline and its worker spans, a JSON array of
-  OTLP/JSON spans (``tracing.encode_spans``). orjson never writes a newline inside its output, so the API process
-  splits the trailer off without parsing it, and the file exporter writes it as it is.
 
 Transport -> API process: **worker dead** ``{"dead": worker}`` when a worker's connection closes.
 
@@ -34,13 +32,12 @@ from typing import Any
 
 import orjson
 
-from framework.tracing.otlp import child_span
+from framework.tracing.context import SpanRef
 
 __all__ = [
     "ProtocolError",
     "Reply",
     "RequestFrame",
-    "attach_spans",
     "decode_control",
     "decode_reply",
     "decode_request",
@@ -51,10 +48,10 @@ __all__ = [
     "encode_error",
     "encode_request",
     "encode_worker_dead",
-    "with_span_trailer",
 ]
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
+_HEX = frozenset("0123456789abcdef")
 
 
 class ProtocolError(ValueError):
@@ -71,7 +68,7 @@ class RequestFrame:
     items: list
     arrival: float  # time.monotonic() when the API process queued it
     deadline: float  # time.monotonic() after which the client has already been answered 504
-    sampled: bool  # its trace is sampled: its answer then carries the worker's span timings
+    parent: SpanRef | None  # a sampled request's span: the worker records its own spans under it
 
     @property
     def n(self) -> int:
@@ -79,11 +76,23 @@ class RequestFrame:
 
 
 def encode_request(rid: str, reply_to: str | int, items: list, arrival: float, deadline: float,
-                   sampled: bool) -> bytes:
+                   parent: SpanRef | None = None) -> bytes:
+    """``parent``: the request's span when its trace is sampled (``None``: the worker records nothing)."""
     message: dict[str, Any] = {"id": rid, "to": reply_to, "items": items, "t": arrival, "dl": deadline}
-    if sampled:
-        message["s"] = 1
+    if parent is not None:
+        message["s"] = [parent.trace_id, parent.span_id, parent.trace_state] if parent.trace_state else \
+            [parent.trace_id, parent.span_id]
     return orjson.dumps(message)
+
+
+def _parent(value: Any) -> SpanRef | None:
+    """A request frame's ``s``: ids the worker writes into its spans as they are, so checked here."""
+    if value is None:
+        return None
+    if not (isinstance(value, list) and len(value) in (2, 3) and all(type(v) is str for v in value)
+            and len(value[0]) == 32 and len(value[1]) == 16 and _HEX.issuperset(value[0] + value[1])):
+        raise ProtocolError("request frame's 's' must be [32 hex trace id, 16 hex span id(, tracestate)]")
+    return SpanRef(value[0], value[1], True, value[2] if len(value) == 3 else None, True)
 
 
 def _object(raw: bytes, what: str) -> dict:
@@ -111,7 +120,7 @@ def decode_request(raw: bytes) -> RequestFrame:
     # A queued time that is not a number would break the batcher's arithmetic later: refuse it here.
     if type(arrival) not in (int, float) or type(deadline) not in (int, float):
         raise ProtocolError("request frame's 't' and 'dl' must be numbers (monotonic seconds)")
-    return RequestFrame(rid, reply_to, items, float(arrival), float(deadline), "s" in msg)
+    return RequestFrame(rid, reply_to, items, float(arrival), float(deadline), _parent(msg.get("s")))
 
 
 def encode_cancel(rid: str) -> bytes:
@@ -152,26 +161,12 @@ def encode_worker_dead(worker: int) -> bytes:
     return orjson.dumps({"dead": worker})
 
 
-def attach_spans(reply: bytes, batch_spans: bytes, queued_ns: int, start_ns: int) -> bytes:
-    """``reply`` followed by a newline and the request's spans: the batch's (OTLP/JSON from
-    ``tracing.encode_spans``, serialized once per batch) plus the request's own ``queue.wait``
-    from ``queued_ns`` to ``start_ns``, appended without re-serializing the batch's entries."""
-    return b"%s\n%s" % (reply, child_span(batch_spans, b"queue.wait", queued_ns, start_ns))
-
-
-def with_span_trailer(reply: bytes, spans: bytes) -> bytes:
-    """``reply`` followed by a newline and ``spans``, a JSON array from ``tracing.encode_spans``
-    (a generated request's end frame carries its queue, prefill and decode spans this way)."""
-    return b"%s\n%s" % (reply, spans)
-
-
 @dataclass(slots=True)
 class Reply:
     """A decoded reply: ``kind`` is "out", "err", "chunk", "end" or "dead"; ``body`` the message."""
 
     kind: str
     body: dict
-    spans: bytes | None = None  # a sampled request's worker spans (a JSON array), unparsed
 
     @property
     def id(self) -> str | None:
@@ -187,9 +182,8 @@ _KINDS = ("out", "err", "chunk", "end")
 
 
 def decode_reply(raw: bytes) -> Reply:
-    """The reply in ``raw`` (its span trailer split off unparsed); ``ProtocolError`` if malformed."""
-    head, newline, spans = raw.partition(b"\n")
-    msg = _object(head, "reply")
+    """The reply in ``raw``; ``ProtocolError`` if malformed."""
+    msg = _object(raw, "reply")
     if "dead" in msg:
         if type(msg["dead"]) is not int:
             raise ProtocolError("worker-dead frame must name an integer worker")
@@ -205,6 +199,4 @@ def decode_reply(raw: bytes) -> Reply:
         err = msg["err"]
         if not isinstance(err, dict) or type(err.get("status")) is not int or not isinstance(err.get("error"), str):
             raise ProtocolError("error frame's 'err' must hold an integer 'status' and a string 'error'")
-    if newline and not (spans.startswith(b"[") and spans.endswith(b"]")):
-        raise ProtocolError("a reply's span trailer must be a JSON array")
-    return Reply(kind, msg, spans if newline else None)
+    return Reply(kind, msg)
