@@ -86,12 +86,12 @@ def encode_request(rid: str, reply_to: str | int, items: list, arrival: float, d
 
 
 def _parent(value: Any) -> SpanRef | None:
-    """A request frame's ``s``: ids the worker writes into its spans as they are, so checked here."""
-    if value is None:
-        return None
+    """A request frame's ``s``: ids the worker writes into its spans as they are, so checked here. One
+    that is not ``[32 hex trace id, 16 hex span id(, tracestate)]`` leaves the request untraced: the
+    request itself is still served."""
     if not (isinstance(value, list) and len(value) in (2, 3) and all(type(v) is str for v in value)
             and len(value[0]) == 32 and len(value[1]) == 16 and _HEX.issuperset(value[0] + value[1])):
-        raise ProtocolError("request frame's 's' must be [32 hex trace id, 16 hex span id(, tracestate)]")
+        return None
     return SpanRef(value[0], value[1], True, value[2] if len(value) == 3 else None, True)
 
 
