@@ -93,3 +93,33 @@ def test_the_setting_is_a_bool_checked_before_start():
     assert compose(["model=smollm2", "hardware=cuda"]).hardware.packed_weights is False  # CPU only
     with pytest.raises(ConfigError, match="packed_weights"):
         validate(compose(["model=smollm2", "hardware=cpu", "hardware.packed_weights=maybe"]))
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_an_eager_one_shot_model_runs_on_packed_weights_unless_turned_off(tiny_dir, packed):
+    """One-shot models get the same packing at start-up (before the warm-up), and the same answers up to
+    float32 summation order; ``hardware.packed_weights=false`` leaves every ``nn.Linear`` as it was."""
+    r = validate(compose(["model=tiny", f"model.path={tiny_dir}", "hardware=cpu",
+                          f"hardware.packed_weights={str(packed).lower()}"]))
+    model = r.model
+    model.load("cpu")
+    x = model.preprocess([[0.5] * 8, [float(i) for i in range(8)]])
+    before = model.forward(x).clone()
+    report = r.hardware.optimize(model, "cpu", [1, 2])
+    kinds = {type(m) for m in model.module.modules()}
+    if packed:
+        assert report["packed_linears"] == 2 and PackedLinear in kinds and nn.Linear not in kinds
+    else:
+        assert "packed_linears" not in report and PackedLinear not in kinds
+    torch.testing.assert_close(model.forward(x), before, rtol=1e-5, atol=1e-6)
+
+
+def test_a_compiled_one_shot_model_is_not_packed(tiny_dir, monkeypatch):
+    """torch.compile traces the module as it is: packing is for eager models only."""
+    r = validate(compose(["model=tiny", f"model.path={tiny_dir}", "hardware=cpu", "hardware.compile=default",
+                          "hardware.warmup=false"]))
+    r.model.load("cpu")
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: module)  # the decision, not inductor's work
+    report = r.hardware.optimize(r.model, "cpu", [1])
+    assert report["compile_mode"] == "default" and "packed_linears" not in report
+    assert PackedLinear not in {type(m) for m in r.model.module.modules()}

@@ -92,8 +92,10 @@ def test_quality_gate_refuses_to_start_below_min_quality(tiny_dir):
 
 
 def test_skip_patterns_keep_layers_in_full_precision(tiny_dir):
+    # packed_weights=false: the kept layer would otherwise run on its float32 weight packed for oneDNN
+    # (still full precision, but no longer an nn.Parameter to look at).
     r = resolve(tiny_dir, "quantization=int8_dynamic", "hardware.compile=off", "quantization.allow_slow=true",
-                "quantization.skip=[\"2\"]")
+                "quantization.skip=[\"2\"]", "hardware.packed_weights=false")
     report = start(r)
     assert report["quantization_summary"]["quantized_linears"] == 1
     assert report["quantization_summary"]["kept_full_precision"] == ["2"]

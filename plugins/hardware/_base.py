@@ -73,10 +73,10 @@ class EngineConfig:
     # Decode is a loop of many small parallel regions that keeps the cores busy for the whole reply, and
     # a pool that sleeps at once is woken for each: SmolLM2 on vLLM had ITL 81-85 ms at 0 (docs/vllm.md).
     spin_count: int | None = None
-    # Eager CPU generation: the model's float32 Linear layers run on oneDNN with their weights packed once
-    # (plugins/model/_packed_linear.py): SmolLM2's decode ITL 77 -> 56-66 ms and 16-stream tokens/s 80-86
-    # -> 105-118 on the 2-core VM, same greedy tokens. Quantized weights, GPU weights and compiled decode
-    # steps are never packed.
+    # Eager CPU models: their float32 Linear layers run on oneDNN with the weights packed once
+    # (plugins/model/_packed_linear.py). SmolLM2 served: decode ITL 0.59x and 16-stream tokens/s 1.7x
+    # (results/generation_native_vs_vllm.md); MiniLM's forward 1.45x faster at batch 1, 1.87x at 8
+    # (results/packed_minilm.md). Quantized weights, GPU weights and compiled graphs are never packed.
     packed_weights: bool = True
 
     def __post_init__(self) -> None:
@@ -355,6 +355,11 @@ class EngineHardware(HardwarePlugin):
                         "compile_ms": 0.0, "warmup_ms": 0.0, "warmup_batch_sizes": []}
         if mode is not None and model.module is not None:
             model.module = torch.compile(model.module, mode=mode, dynamic=self.config.compile_dynamic)
+        elif self.config.packed_weights and isinstance(model.module, torch.nn.Module):
+            # Eager: pack before the warm-up below, so it runs the kernels requests will.
+            from plugins.model._packed_linear import pack_linears
+
+            report.update(pack_linears(model.module))
         if not self.config.warmup:
             if mode is not None:
                 log.warning("hardware.warmup=false with compile mode %s: the first requests pay for compiling",

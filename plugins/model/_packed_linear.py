@@ -1,5 +1,8 @@
 """Linear layers on oneDNN with weights packed once: the CPU kernel choice of an eager decode step.
 
+The generation engine packs its model (``_llama_batched.py``) and the hardware plugins pack an eager
+one-shot model before its warm-up (``plugins/hardware/_base.py``), both under ``hardware.packed_weights``.
+
 On a CPU a decode step is a chain of skinny matrix products (one to a few dozen rows against each
 weight matrix), bound by reading the weights. torch's ``F.linear`` runs those through MKL's GEMV/GEMM
 on the plain row-major weight; oneDNN's matmul on a weight reordered once into its blocked layout
