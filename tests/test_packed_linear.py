@@ -76,6 +76,19 @@ def test_what_has_its_own_kernel_is_left_alone(tokenizer):
     assert len(linears(compiled.model)) == 15
 
 
+def test_a_linear_with_hooks_is_left_alone_and_still_runs_its_hooks():
+    """quantization=bf16 keeps a skipped layer (a tied LM head) in float32 with hooks that cast at its
+    boundary: packing it would drop them, and the bf16 activations would then reach a float32 kernel."""
+    from framework.config import compose, validate
+    from plugins.quantization._common import cast_module
+
+    cfg = validate(compose(["model=smollm2", "quantization=bf16", "quantization.skip=[\"1\"]"])).quantization.config
+    model, kept = cast_module(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)), torch.bfloat16, cfg)
+    assert kept == ["1"]
+    assert pack_linears(model)["packed_linears"] == 0  # the bf16 layer has no float32 weight; the kept one hooks
+    assert model(torch.randn(2, 8)).dtype == torch.float32
+
+
 def test_quantized_linears_keep_their_kernel(model32):
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 

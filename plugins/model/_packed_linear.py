@@ -58,8 +58,11 @@ class PackedLinear(nn.Module):
 def _packable(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
     # type(...) is: a torchao subclass (Int8Tensor, AffineQuantizedTensor, ...) has its own kernel.
+    # A module with hooks is left as it is: swapping it would drop them (quantization=bf16 keeps a
+    # skipped layer in float32 with hooks that cast its input and output at the boundary).
     return (type(module) is nn.Linear and type(weight) in (torch.Tensor, nn.Parameter)
-            and weight.dtype == torch.float32 and weight.device.type == "cpu")
+            and weight.dtype == torch.float32 and weight.device.type == "cpu"
+            and not (module._forward_pre_hooks or module._forward_hooks))
 
 
 def pack_linears(model: nn.Module) -> dict[str, Any]:
