@@ -46,8 +46,11 @@ def test_worker_dead_round_trip():
     assert reply.kind == "dead" and reply.body["dead"] == 2 and reply.id is None
 
 
-@pytest.mark.parametrize("s", [1, ["ab", "cd"], ["X" * 32, "c" * 16], ['ab"},{"x":"' + "0" * 21, "cd" * 8],
-                               ["ab" * 16, "cd" * 8, 5]])
+@pytest.mark.parametrize("s", [1, ["ab" * 16, "cd" * 8], {"traceparent": "00-ab-cd-01"},
+                               {"traceparent": f"00-{'X' * 32}-{'c' * 16}-01"},
+                               {"traceparent": f'00-ab"}},{{"x":"{"0" * 21}-{"cd" * 8}-01'},
+                               {"traceparent": f"00-{'0' * 32}-{'c' * 16}-01"},
+                               {"traceparent": f"00-{'ab' * 16}-{'cd' * 8}-01", "tracestate": 5}])
 def test_a_request_whose_span_is_malformed_is_served_untraced(s):
     """The worker writes the ids into its spans as they are: anything but hex ids is not a parent,
     and the request is still served (only its worker spans are lost)."""

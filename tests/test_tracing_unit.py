@@ -373,12 +373,13 @@ def test_a_span_tree_encodes_what_encode_spans_does_and_each_call_gets_fresh_ids
 def test_the_worker_records_a_sampled_request_s_spans_under_its_span_and_drops_a_malformed_message(tmp_path):
     base = {"id": "a-1", "to": "1", "items": ["x"], "t": 100.0, "dl": 102.0}
     assert _parse(orjson.dumps(base)).parent is None  # not sampled: the worker records nothing
-    queued = _parse(orjson.dumps({**base, "s": ["ab" * 16, "cd" * 8, "v=1"]}))
+    queued = _parse(orjson.dumps({**base, "s": {"traceparent": f"00-{'ab' * 16}-{'cd' * 8}-01", "tracestate": "v=1"}}))
     assert (queued.parent.trace_id, queued.parent.span_id, queued.parent.trace_state) == ("ab" * 16, "cd" * 8, "v=1")
     assert queued.arrival == 100.0
     assert _parse(orjson.dumps({**base, "t": "soon"})) is None  # never a crash in the worker's loop
     # Ids are written into the worker's spans as they are: anything but hex ids is no parent.
-    assert _parse(orjson.dumps({**base, "s": ['ab"},{"x":"' + "0" * 21, "cd" * 8]})).parent is None
+    forged = {"traceparent": f'00-ab"}},{{"x":"{"0" * 21}-{"cd" * 8}-01'}
+    assert _parse(orjson.dumps({**base, "s": forged})).parent is None
     tracing.init_tracing(TracingConfig(exporter="file"), RESOURCE, str(tmp_path))
     # Queued 5 µs (monotonic clock) before the batch started at 10_000 ns (wall clock).
     record_spans(tracing.encode_spans([("batch", 10_000, 20_000, None, -1, None)]), queued, 100.000005, 10_000)

@@ -8,8 +8,8 @@ API process -> worker:
 
 * **request** ``{"id", "to", "items", "t", "dl"[, "s"]}``: ``to`` is the reply address, ``t`` the
   monotonic time the API process queued it, ``dl`` the monotonic deadline after which the client has
-  already been answered 504, ``s`` present when the request's trace is sampled: ``[trace id, span id]``
-  of the request's span (and its ``tracestate``, if any), under which the worker records its own spans.
+  already been answered 504, ``s`` present when the request's trace is sampled: the request's span as
+  W3C trace context (``{"traceparent"[, "tracestate"]}``), under which the worker records its own spans.
 * **cancel** ``{"cancel": id}``: the client went away; drop the request wherever it is.
 
 Worker -> API process (each a *reply*):
@@ -32,7 +32,7 @@ from typing import Any
 
 import orjson
 
-from framework.tracing.context import SpanRef
+from framework.tracing.context import SpanRef, parse_traceparent
 
 __all__ = [
     "ProtocolError",
@@ -51,7 +51,6 @@ __all__ = [
 ]
 
 _NUMPY = orjson.OPT_SERIALIZE_NUMPY
-_HEX = frozenset("0123456789abcdef")
 
 
 class ProtocolError(ValueError):
@@ -80,19 +79,17 @@ def encode_request(rid: str, reply_to: str | int, items: list, arrival: float, d
     """``parent``: the request's span when its trace is sampled (``None``: the worker records nothing)."""
     message: dict[str, Any] = {"id": rid, "to": reply_to, "items": items, "t": arrival, "dl": deadline}
     if parent is not None:
-        message["s"] = [parent.trace_id, parent.span_id, parent.trace_state] if parent.trace_state else \
-            [parent.trace_id, parent.span_id]
+        message["s"] = parent.carrier()
     return orjson.dumps(message)
 
 
 def _parent(value: Any) -> SpanRef | None:
-    """A request frame's ``s``: ids the worker writes into its spans as they are, so checked here. One
-    that is not ``[32 hex trace id, 16 hex span id(, tracestate)]`` leaves the request untraced: the
-    request itself is still served."""
-    if not (isinstance(value, list) and len(value) in (2, 3) and all(type(v) is str for v in value)
-            and len(value[0]) == 32 and len(value[1]) == 16 and _HEX.issuperset(value[0] + value[1])):
+    """A request frame's ``s``, parsed as a client's headers are (``parse_traceparent``): the worker
+    writes its ids into its spans as they are. One that is not valid trace context leaves the request
+    untraced: the request itself is still served."""
+    if type(value) is not dict or not all(type(v) is str for v in value.values()):
         return None
-    return SpanRef(value[0], value[1], True, value[2] if len(value) == 3 else None, True)
+    return parse_traceparent(value)
 
 
 def _object(raw: bytes, what: str) -> dict:
