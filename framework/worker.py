@@ -119,22 +119,16 @@ class BatchRunner:
             self._fail(batch[0], exc, start_mono, start_ns)
             return time.monotonic() - start_mono
         seconds = time.monotonic() - start_mono
-        # The batch's spans, encoded once for all its sampled requests, recorded once their answers
-        # are out. (A loop, not any(genexpr): closing an unfinished generator raises inside it, per batch.)
-        spans = None
-        for req in batch:
-            if req.parent is not None:
-                spans = self._spans(len(items), len(batch), phases, start_ns)
-                break
+        # The batch's spans, encoded once for all its sampled requests, recorded once their answers are out.
+        sampled = [req for req in batch if req.parent is not None]
+        spans = self._spans(len(items), len(batch), phases, start_ns) if sampled else None
         offset = 0
         for req in batch:
             out = outputs[offset:offset + req.n]
             offset += req.n
             self.channel.send(req.reply_to, encode_answer(req.id, out))
-        if spans is not None:
-            for req in batch:
-                if req.parent is not None:
-                    record_spans(spans, req, start_mono, start_ns)
+        for req in sampled:
+            record_spans(spans, req, start_mono, start_ns)
         waits = [start_mono - r.arrival for r in batch]
         metrics.observe_batch(len(items), waits, seconds)
         if log.isEnabledFor(logging.DEBUG):

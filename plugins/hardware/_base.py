@@ -75,8 +75,9 @@ class EngineConfig:
     spin_count: int | None = None
     # Eager CPU models: their float32 Linear layers run on oneDNN with the weights packed once
     # (plugins/model/_packed_linear.py). SmolLM2 served: decode ITL 0.59x and 16-stream tokens/s 1.7x
-    # (results/generation_native_vs_vllm.md); MiniLM's forward 1.45x faster at batch 1, 1.87x at 8
-    # (results/packed_minilm.md). Quantized weights, GPU weights and compiled graphs are never packed.
+    # (results/generation_native_vs_vllm.md); MiniLM served 1.68-1.89x the req/s at saturation
+    # (results/packed_weights.md), p50 10.4 vs 11.8 ms at concurrency 1 (results/e2e_latency_packed.md).
+    # Quantized weights, GPU weights and compiled graphs are never packed.
     packed_weights: bool = True
 
     def __post_init__(self) -> None:
